@@ -1,0 +1,474 @@
+"""Evaluate a search agent: EM/F1 per benchmark, markdown tables, single-question inference, run comparison.
+
+    python eval.py --model CKPT --data test.parquet --index wiki-bm25/ --out runs/eval1
+    python eval.py --model CKPT --index wiki-bm25/ --question "who wrote the iliad"
+    python eval.py --compare runs/a/results.json runs/b/results.json
+
+Every question is rolled out greedily by rollout.py (the code that trains), and the answer (the model's
+<answer> action) is scored with SQuAD-normalised exact match and token F1, max over the golds
+(SPEC 1.3), per `data_source`. "average" is the unweighted mean over sources, as the Search-R1 and LLDS papers
+report it; results.json also has "micro", the mean over questions. Sources are listed in the papers' order
+(nq, triviaqa, popqa, hotpotqa, 2wikimultihopqa, musique, bamboogle; case-insensitive), others after them.
+
+Data (SPEC 3). A Search-R1 parquet row gives data_source, prompt, reward_model.ground_truth.target; the
+question is its `question` column when present, else the prompt text after the last "Question: ". A FlashRAG
+JSONL row gives id, question, golden_answers; its data_source is the row's own `data_source` field if any, else
+the file's stem, or the folder's name when the stem is a split name (nq/test.jsonl -> "nq",
+bamboogle.jsonl -> "bamboogle"). A directory stands for the .parquet and .jsonl files directly inside it.
+
+Where this departs from Search-R1's evaluation, and why:
+1. FlashRAG JSONL is read directly (its prompt built by search_env.make_prompt, SPEC 1.1); Search-R1 first
+   converts it to parquet. A parquet row's prompt is used byte for byte, as Search-R1 does.
+2. Questions are batched by prompt length, longest first, not in file order: less padding, and a batch size
+   too large for memory fails in the first minute. Greedy answers can still differ from batch-of-one decoding
+   in the last bits (padding changes bf16 sums), as in any batched evaluator.
+3. `--limit N` takes N questions evenly spaced over the data, so every source of a merged file keeps its
+   share (the first N of Search-R1's merged test file would all be NQ).
+4. Gold answers that are empty strings are dropped (an empty answer would match them); a row left with none
+   is an error, not a row that nobody can answer.
+5. A trajectory that never took an answer action has no answer (EM = F1 = 0). Search-R1 takes the last
+   `<answer>` anywhere in the text, which for such a trajectory can be the "<answer> and </answer>" of the
+   invalid-action message: an F1 of 0.5 against a gold like "Tom and Jerry".
+"""
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import search_env
+
+PAPER_SOURCES = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
+SPLIT_NAMES = {"train", "dev", "test", "val", "valid", "validation"}
+DATA_SUFFIXES = (".parquet", ".jsonl")
+
+
+class BadInput(ValueError):
+    """An input the user must fix. The CLI prints it as one line, `error: ...`, with no traceback."""
+
+
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    prompt: str          # the parquet's prompt[0]["content"] when present, else make_prompt(question)
+    golds: list[str]
+    data_source: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+
+def _data_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
+            if not found:
+                raise BadInput(f"--data {p} is a directory with no .parquet or .jsonl file in it")
+            files += found
+        elif not p.exists():
+            raise BadInput(f"--data {p} does not exist")
+        elif p.suffix not in DATA_SUFFIXES:
+            raise BadInput(f"--data {p} is neither Search-R1 .parquet nor FlashRAG .jsonl")
+        else:
+            files.append(p)
+    return files
+
+
+def _golds(value, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)):
+        value = [] if value is None else [value]
+    golds = [str(g) for g in value if g is not None and str(g).strip()]
+    if not golds:
+        raise BadInput(f"{where} has an empty gold answer list: fix or drop that row")
+    return golds
+
+
+def _struct_has(t, path) -> bool:
+    import pyarrow as pa
+
+    for name in path:
+        if not pa.types.is_struct(t) or t.get_field_index(name) < 0:
+            return False
+        t = t.field(name).type
+    return True
+
+
+def _load_parquet(f: Path) -> list[QAExample]:
+    import pyarrow.parquet as pq
+
+    need = "(a Search-R1 parquet needs data_source, prompt, reward_model.ground_truth.target)"
+    try:
+        schema = pq.read_schema(f)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise BadInput(f"{f} is not a readable parquet file ({str(e).splitlines()[0]})") from None
+    names = set(schema.names)
+    for col in ["data_source", "reward_model"] + ([] if "question" in names else ["prompt"]):
+        if col not in names:
+            raise BadInput(f"{f} has no column '{col}' {need}")
+    if not _struct_has(schema.field("reward_model").type, ("ground_truth", "target")):
+        raise BadInput(f"{f} has no column 'reward_model.ground_truth.target' {need}")
+    cols = [c for c in ("id", "data_source", "question", "prompt", "reward_model", "extra_info") if c in names]
+    out = []
+    for i, r in enumerate(pq.read_table(f, columns=cols).to_pylist()):
+        where = f"{f} row {i}"
+        golds = _golds(((r["reward_model"] or {}).get("ground_truth") or {}).get("target"),
+                       f"{where} (reward_model.ground_truth.target)")
+        source = r["data_source"]
+        if not source:
+            raise BadInput(f"{where} has an empty data_source")
+        prompt = r["prompt"][0]["content"] if r.get("prompt") else None
+        question = r.get("question")
+        if not question and prompt and "Question: " in prompt:
+            question = prompt.rsplit("Question: ", 1)[1].strip()
+        if not question:
+            raise BadInput(f"{where} has no question: no 'question' column and no 'Question: ' in its prompt")
+        index = (r.get("extra_info") or {}).get("index")
+        qid = r.get("id") or f"{source}_{i if index is None else index}"
+        out.append(QAExample(str(qid), str(question), prompt or search_env.make_prompt(question), golds,
+                             str(source)))
+    return out
+
+
+def _source_of(f: Path) -> str:
+    return f.parent.name if f.stem.lower() in SPLIT_NAMES and f.parent.name else f.stem
+
+
+def _load_jsonl(f: Path) -> list[QAExample]:
+    out, source = [], _source_of(f)
+    with open(f, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{f} line {n}"
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise BadInput(f"{where} is not valid JSON ({e})") from None
+            for col in ("question", "golden_answers"):
+                if not isinstance(r, dict) or col not in r:
+                    raise BadInput(f"{where} has no field '{col}' (a FlashRAG JSONL row needs id, question, "
+                                   "golden_answers)")
+            question = str(r["question"]).strip()
+            if not question:
+                raise BadInput(f"{where} has an empty question")
+            golds = _golds(r["golden_answers"], f"{where} (golden_answers)")
+            src = str(r.get("data_source") or source)
+            out.append(QAExample(str(r.get("id", f"{src}_{len(out)}")), question,
+                                 search_env.make_prompt(question), golds, src))
+    return out
+
+
+def load_qa(paths) -> list[QAExample]:
+    """Questions from Search-R1 parquet / FlashRAG JSONL files or directories of them, in file order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    examples = []
+    for f in _data_files(paths):
+        examples += _load_parquet(f) if f.suffix == ".parquet" else _load_jsonl(f)
+    if not examples:
+        raise BadInput(f"--data {' '.join(map(str, paths))} holds no questions")
+    return examples
+
+
+def spread(examples: list, limit: int | None) -> list:
+    """`limit` examples evenly spaced over the list (all of them when limit is None or larger)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    return [examples[i * len(examples) // limit] for i in range(limit)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scores and tables
+
+def order_sources(names) -> list[str]:
+    """The papers' seven benchmarks first in the papers' order (case-insensitive), the rest alphabetically."""
+    def key(s):
+        low = s.lower()
+        return (PAPER_SOURCES.index(low), "") if low in PAPER_SOURCES else (len(PAPER_SOURCES), low)
+    return sorted(names, key=key)
+
+
+def _mean(records) -> dict:
+    n = len(records)
+    return {"em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n, "n": n}
+
+
+def summarize(records: list[dict]) -> dict:
+    """{"per_source": {src: {em, f1, n}}, "average": unweighted mean over sources, "micro": mean over questions}."""
+    by = {}
+    for r in records:
+        by.setdefault(r["data_source"], []).append(r)
+    per = {s: _mean(by[s]) for s in order_sources(by)}
+    avg = {"em": sum(m["em"] for m in per.values()) / len(per), "f1": sum(m["f1"] for m in per.values()) / len(per),
+           "n": len(records)}
+    return {"per_source": per, "average": avg, "micro": _mean(records)}
+
+
+def flat_metrics(res: dict, prefix: str = "eval/") -> dict[str, float]:
+    """For a logger: eval/em, eval/f1 (averages over sources) and eval/<source>/em, eval/<source>/f1."""
+    out = {f"{prefix}em": res["average"]["em"], f"{prefix}f1": res["average"]["f1"]}
+    for s, m in res["per_source"].items():
+        out[f"{prefix}{s}/em"], out[f"{prefix}{s}/f1"] = m["em"], m["f1"]
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = ["| source | n | EM | F1 |", "|---|---:|---:|---:|"]
+    rows = list(res["per_source"].items()) + [("average", res["average"])]
+    lines += [f"| {s} | {m['n']} | {m['em']:.3f} | {m['f1']:.3f} |" for s, m in rows]
+    return "\n".join(lines)
+
+
+def load_results(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"--compare {path} does not exist") from None
+    except ValueError as e:
+        raise BadInput(f"--compare {path} is not JSON ({e})") from None
+    if not isinstance(res, dict) or "per_source" not in res or "average" not in res:
+        raise BadInput(f"--compare {path} is not a results.json written by eval.py (no per_source/average)")
+    return res
+
+
+def format_compare(runs: list[tuple[str, dict]]) -> str:
+    """One table per metric: a column per run, and each later run's difference to the first."""
+    names = [n for n, _ in runs]
+    sources = order_sources({s for _, r in runs for s in r["per_source"]})
+    cell = lambda m, k: "-" if m is None else f"{m[k]:.3f}"  # noqa: E731
+    out = []
+    for key, title in (("em", "EM"), ("f1", "F1")):
+        head = [names[0]] + [c for n in names[1:] for c in (n, f"Δ {n}")]
+        lines = [f"{title}\n", "| source | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        for s in sources + ["average"]:
+            ms = [r["average"] if s == "average" else r["per_source"].get(s) for _, r in runs]
+            row = [cell(ms[0], key)]
+            for m in ms[1:]:
+                delta = "-" if m is None or ms[0] is None else f"{m[key] - ms[0][key]:+.3f}"
+                row += [cell(m, key), delta]
+            lines.append(f"| {s} | " + " | ".join(row) + " |")
+        out.append("\n".join(lines))
+    notes = []
+    for s in sources:
+        missing = [n for n, r in runs if s not in r["per_source"]]
+        ns = [str(r["per_source"][s]["n"]) for _, r in runs if s in r["per_source"]]
+        if missing:
+            notes.append(f"note: {s} is not in {', '.join(missing)}: the averages cover different sources")
+        elif len(set(ns)) > 1:
+            notes.append(f"note: {s} has different question counts across runs ({' vs '.join(ns)})")
+    return "\n\n".join(out + (["\n".join(notes)] if notes else []))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollouts
+
+def evaluate(model, tokenizer, examples: list[QAExample], retriever, cfg, batch_size: int = 64, *,
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Greedy rollouts of every example; returns summarize()'s dict plus "trajectories" (one record per example,
+    in the examples' order). cfg is a rollout.RolloutConfig; greedy is forced on, every other field is used.
+    The model is put in eval mode and given back in the mode it came in."""
+    import torch
+    from tqdm import tqdm
+
+    import rollout
+
+    if not examples:
+        raise ValueError("evaluate() got no examples")
+    cfg = dataclasses.replace(cfg, greedy=True)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
+    records = [None] * len(examples)
+    was_training, em_sum, done = model.training, 0.0, 0
+    model.eval()
+    bar = tqdm(total=len(examples), desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                trajs = rollout.rollout(model, tokenizer, [examples[i].prompt for i in idx], idx, retriever, cfg)
+                for i, t in zip(idx, trajs):
+                    records[i] = _record(examples[i], t)
+                    em_sum += records[i]["em"]
+                done += len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(em=f"{em_sum / done:.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    return {**summarize(records), "trajectories": records}
+
+
+def _record(ex: QAExample, t) -> dict:
+    # Only an answer action of the model counts: the text of an unanswered trajectory can still hold
+    # "<answer> and </answer>" from the invalid-action message, which would score F1 against golds with "and".
+    answer = t.answer if t.answered else None
+    return {"id": ex.id, "data_source": ex.data_source, "question": ex.question, "golds": ex.golds,
+            "answer": answer, "em": search_env.exact_match(answer, ex.golds),
+            "f1": search_env.f1_score(answer, ex.golds), "num_searches": t.num_searches,
+            "num_turns": len(t.turn_spans), "answered": t.answered, "response_tokens": len(t.response_ids),
+            "text": t.text}
+
+
+# A title is the passage's first line, quoted in wiki-18 ('"Title"'), and may itself hold ") ".
+_DOC_TITLE = re.compile(r'(?:^|<information>)Doc \d+\(Title: (".*?"|.*?)\) ', re.M)
+
+
+def format_trajectory(question: str, traj, tokenizer) -> str:
+    """A trajectory for a human: each turn's text, the query it sent, the titles that came back, the answer."""
+    ids, spans = traj.response_ids, traj.turn_spans
+    lines = [f"Question: {question}"]
+    for k, (s, e) in enumerate(spans):
+        said = tokenizer.decode(ids[s:e])
+        obs = tokenizer.decode(ids[e:spans[k + 1][0] if k + 1 < len(spans) else len(ids)])
+        lines += ["", f"--- turn {k + 1} ---", said.strip()]
+        action, content = search_env.parse_action(said)
+        if action == "search" and "<information>" in obs:
+            lines.append(f">>> search: {content}")
+            lines += [f"    {j}. {title}" for j, title in enumerate(_DOC_TITLE.findall(obs), 1)]
+        elif action == "search":
+            lines.append(f">>> search: {content}  (not run: the turn budget is spent)")
+        elif action is None:
+            lines.append(">>> invalid action (no <search> or <answer>)")
+    lines += ["", f"Answer: {traj.answer}" if traj.answered else "Answer: none (the model never answered)",
+              f"({traj.num_searches} searches, {len(spans)} turns)"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI: validate every input (cheap checks first), then load the model
+
+def check_model_dir(path: str) -> None:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise BadInput(f"--model {path} is not a Hugging Face model directory (no config.json): pass a local "
+                       "folder written by save_pretrained (our checkpoint, Qwen2.5, a released LLDS/Search-R1 model)")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise BadInput(f"--model {path} has no tokenizer (tokenizer.json / tokenizer_config.json): copy the base "
+                       "model's tokenizer files into it")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise BadInput(f"--model {path} has no weights (*.safetensors or *.bin)")
+
+
+def open_retriever(index: str | None, url: str | None):
+    """search_env.load_retriever, with its errors as one line; a server must answer one search first, so that
+    a dead or wrong URL is reported before the model is loaded."""
+    if url is not None:
+        try:
+            search_env.load_retriever(url=url, timeout=10, retries=0).search(["probe"], 1)
+        except OSError as e:  # refused, timed out (ConnectionError is an OSError)
+            raise BadInput(f"--retriever_url {url} does not answer a search: {e}") from None
+        except ValueError as e:  # not a URL, or not a retrieval server's answer
+            raise BadInput(f"--retriever_url {url}: {e}") from None
+        return search_env.load_retriever(url=url)
+    try:
+        return search_env.load_retriever(index=index)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BadInput(f"--index {index}: {str(e).strip().splitlines()[0]}") from None
+
+
+def load_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 on CPU is ~100x slower
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInput(f"--model {path} could not be loaded: {str(e).strip().splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hugging Face causal LM directory (ours, Qwen2.5, released LLDS/Search-R1)")
+    p.add_argument("--data", nargs="+", help="Search-R1 .parquet / FlashRAG .jsonl files, or directories of them")
+    p.add_argument("--question", help="answer this one question and print the trajectory")
+    p.add_argument("--index", help="retrieval index directory (BM25 or dense)")
+    p.add_argument("--retriever_url", help="retrieval server endpoint, e.g. http://127.0.0.1:8000/retrieve")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print these runs' tables side by side")
+    p.add_argument("--max_turns", type=int, default=4, help="turns that may search, then one final turn (default 4)")
+    p.add_argument("--topk", type=int, default=3, help="passages per search (default 3)")
+    p.add_argument("--batch_size", type=int, default=64, help="questions rolled out together (default 64)")
+    p.add_argument("--limit", type=int, help="evaluate this many questions, evenly spaced over the data")
+    p.add_argument("--out", help="where results.json and trajectories.jsonl go (default: runs/eval/<model dir name>)")
+    return p.parse_args(argv)
+
+
+def run(args) -> dict | None:
+    if args.compare:
+        if args.model or args.data or args.question:
+            raise BadInput("--compare takes only results.json files (no --model/--data/--question)")
+        names = [Path(p).parent.name or str(p) for p in args.compare]
+        if len(set(names)) < len(names):
+            names = [str(Path(p).parent) for p in args.compare]
+        print(format_compare([(n, load_results(p)) for n, p in zip(names, args.compare)]))
+        return None
+    if not args.model:
+        raise BadInput("--model is required (or --compare RESULTS_JSON ...)")
+    if (args.data is None) == (args.question is None):
+        raise BadInput("give --data FILE ... to evaluate, or --question TEXT to ask one question (not both)")
+    if (args.index is None) == (args.retriever_url is None):
+        raise BadInput("give exactly one of --index DIR or --retriever_url URL")
+    for flag, value, low in (("--max_turns", args.max_turns, 0), ("--topk", args.topk, 1),
+                             ("--batch_size", args.batch_size, 1), ("--limit", args.limit, 1)):
+        if value is not None and value < low:
+            raise BadInput(f"{flag} must be at least {low}, got {value}")
+    if args.question is not None and not args.question.strip():
+        raise BadInput("--question is empty")
+
+    examples = spread(load_qa(args.data), args.limit) if args.data else None
+    check_model_dir(args.model)
+    retriever = open_retriever(args.index, args.retriever_url)
+    out = None
+    if examples is not None:
+        out = Path(args.out or Path("runs") / "eval" / Path(args.model).resolve().name)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--out {out} cannot be created ({e.strerror})") from None
+    model, tokenizer = load_model(args.model)
+
+    import rollout
+
+    cfg = rollout.RolloutConfig(max_turns=args.max_turns, topk=args.topk, greedy=True)
+    if args.question is not None:
+        prompt = search_env.make_prompt(args.question)
+        [traj] = rollout.rollout(model, tokenizer, [prompt], [0], retriever, cfg)
+        print(format_trajectory(args.question.strip(), traj, tokenizer))
+        return None
+
+    res = evaluate(model, tokenizer, examples, retriever, cfg, args.batch_size)
+    records = res.pop("trajectories")
+    res["config"] = {"model": str(Path(args.model).resolve()), "data": [str(d) for d in args.data],
+                     "index": args.index, "retriever_url": args.retriever_url, "max_turns": args.max_turns,
+                     "topk": args.topk, "batch_size": args.batch_size, "limit": args.limit}
+    _write_atomic(out / "trajectories.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _write_atomic(out / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    print(format_table(res))
+    print(f"\nsaved {out / 'results.json'} and {out / 'trajectories.jsonl'}")
+    return res
+
+
+def main(argv=None):
+    try:
+        return run(parse_args(argv))
+    except BadInput as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""Batched multi-turn search rollouts (SPEC 1.2) with a KV cache kept across turns, and the log-probs of
+finished rollouts for training.
+
+One rollout, per trajectory: the chat-wrapped prompt, then up to `max_turns` turns that may search, then one
+final turn. A turn ends at the first `</search>` or `</answer>` in the turn's decoded text, at EOS, at
+`max_turn_tokens`, or when prompt + response reaches `max_context`. Then, all trajectories of the batch at
+once: answer / EOS / final turn / context full -> done; search -> the queries of the whole batch go to the
+retriever in ONE call and each observation (truncated to `max_obs_tokens`, closing tag kept) is appended;
+no action -> the invalid-action message is appended. Observation ids get loss mask 0 and log-prob 0.
+
+Engine (what `rollout` does, and why it is fast):
+  * One DynamicCache for all live rows. Prompts are left-padded; `attention_mask` covers the whole cache and
+    has 0s wherever a row has no token (padding, or a step in which the row was idle); `position_ids` count a
+    row's real tokens, so rotary positions are exactly those of the unpadded sequence (and of `collate`).
+    Its layers keep spare columns, reserved for a whole turn, so a step writes one column in place
+    (DynamicLayer's torch.cat copies the whole cache every step: quadratic in length; 30% of CPU time here).
+  * A turn starts with one forward of each row's new chunk: the prompt (turn 1), or the row's last sampled
+    token of the previous turn (sampled but not yet fed) + its observation. Nothing else is re-encoded.
+  * Decoding feeds one token per live row per step. A row that hits its stop is fed pad with mask 0 until at
+    least a quarter of the decode batch is idle; then idle rows are split off ("parked": their cache rows are
+    copied aside, the finished ones dropped) and decoding continues on the rest. So stopped rows cost at most
+    a third extra compute, never a full turn of it.
+  * Between turns the parked pieces and the decode batch are merged back into one cache by a gather that
+    drops finished rows and right-aligns each row's real columns (holes vanish; width = longest live row).
+  * Stop detection: only rows whose sampled token's text contains '>' (precomputed over the vocabulary),
+    EOS, or that reached their cap are examined; for those, the last 16 tokens of the turn are decoded and
+    searched for the tags. Per step there is one host sync and Python work only for those rows.
+
+Departures from Search-R1 (`search_r1/llm_agent/generation.py`), numbered:
+ 1. Search-R1 re-encodes the whole context every turn and generates up to the cap past `</search>`, then
+    cuts the decoded text and re-tokenises it. We stop at the token that completes the tag and keep the
+    sampled ids. If that token glues the tag to following characters (e.g. `</search>\\n`) it is kept
+    whole (mask 1): its ids are what was sampled; the few characters after the tag are harmless text.
+ 2. Final turn (turn max_turns + 1): as in Search-R1's last `do_search=False` round, a search there is not
+    executed and the trajectory ends unanswered (reward 0). Nothing is appended after the final turn: no
+    observation, no invalid-action message. It counts as a valid action, not as a search.
+ 3. EOS without an action ends the trajectory (SPEC); Search-R1 treats it as an invalid action.
+ 4. A search with an empty query (`<search> </search>`) is a valid action, but no query is sent: the
+    observation is `<information></information>` with no documents and it does not count as a search.
+ 5. Sampling log-probs are `log_softmax(logits / temperature)` at the sampled token, before top-k/top-p
+    filtering: exactly what `response_logprobs` recomputes for training.
+ 6. The invalid-action message is never truncated; `max_obs_tokens` applies to retrieved observations.
+ 7. An observation that would not leave room for one more token under `max_context` is not appended:
+    the trajectory ends unanswered (the search still counts as executed).
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from search_env import INVALID_ACTION_MSG, format_observation, parse_action
+
+TAGS = ("</search>", "</answer>")
+OBS_TAIL = "</information>\n\n"
+_TAIL_TOKENS = 16  # decode window for stop detection; a tag is 9 ASCII chars, so at most 9 tokens
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 4  # turns that may search; one final turn (no search executed) follows
+    max_turn_tokens: int = 500
+    max_obs_tokens: int = 500
+    topk: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+    max_context: int = 4096  # cap on prompt + response tokens
+
+
+@dataclass
+class Trajectory:
+    group_id: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    loss_mask: list[int]
+    turn_spans: list[tuple[int, int]]
+    sample_logprobs: list[float]
+    num_searches: int
+    num_valid_actions: int
+    answered: bool
+    answer: str | None  # content of the answer action (model tokens only); None when it never answered
+    text: str
+
+
+def wrap_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids: one user message + generation prompt when the tokenizer has a chat template, else raw."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, V) logits -> sampled ids (b,) and their log-probs under log_softmax(logits / T) (b,)."""
+    scaled = logits.float() / cfg.temperature  # (b, V)
+    logp = torch.log_softmax(scaled, dim=-1)  # (b, V)
+    if cfg.greedy:
+        tok = scaled.argmax(dim=-1)  # (b,)
+    else:
+        if cfg.top_k > 0:
+            kth = torch.topk(scaled, min(cfg.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if cfg.top_p < 1.0:
+            srt, order = torch.sort(scaled, dim=-1, descending=True)  # (b, V)
+            p = torch.softmax(srt, dim=-1)
+            drop = (torch.cumsum(p, dim=-1) - p) > cfg.top_p  # mass before this token already covers top_p
+            scaled = scaled.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
+        tok = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)  # (b,)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+@dataclass
+class _Rows:
+    """A piece of the batch that shares one KV cache: `rows` are trajectory indices."""
+    rows: list[int]
+    cache: object  # DynamicCache (or anything with .layers[i].keys/.values, batch first)
+    mask: torch.Tensor  # (b, L) 1 where the cache column holds a real token of that row
+    pos: torch.Tensor  # (b,) real tokens so far = position id of the next token
+
+
+class _Layer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers with spare columns, so that a decoding step writes
+    one column in place; DynamicLayer's torch.cat copies the whole cache at every step (quadratic in length)."""
+
+    def __init__(self, room: int = 0):
+        super().__init__()
+        self.room = room  # spare columns to allocate on first use
+
+    def _own(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int):
+        self.kbuf, self.vbuf = kbuf, vbuf  # (b, H, capacity, D)
+        self.keys, self.values = kbuf[:, :, :length], vbuf[:, :, :length]  # (b, H, L, D) views
+
+    def reserve(self, n: int):
+        """Make room for `n` more columns (one copy if the buffers are too small)."""
+        L = self.keys.shape[-2]
+        if self.kbuf.shape[-2] < L + n:
+            self._own(F.pad(self.keys, (0, 0, 0, n)), F.pad(self.values, (0, 0, 0, n)), L)
+
+    def select(self, idx: torch.Tensor, room: bool):
+        """Keep rows `idx` (a copy), with the spare columns or without them (rows parked until the turn ends)."""
+        k, v = (self.kbuf, self.vbuf) if room else (self.keys, self.values)
+        self._own(k[idx], v[idx], self.keys.shape[-2])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self._own(F.pad(key_states, (0, 0, 0, self.room)), F.pad(value_states, (0, 0, 0, self.room)), n)
+            return self.keys, self.values
+        L = self.keys.shape[-2]
+        if self.kbuf.shape[-2] < L + n:  # out of room (rollout reserves a whole turn, so only outside it)
+            self.reserve(max(n, L))
+        self.kbuf[:, :, L:L + n] = key_states
+        self.vbuf[:, :, L:L + n] = value_states
+        self.keys, self.values = self.kbuf[:, :, :L + n], self.vbuf[:, :, :L + n]
+        return self.keys, self.values
+
+
+def _new_cache(room: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: _Layer(room)  # layers are created on first use, one per model layer
+    return cache
+
+
+def _select(piece: _Rows, keep: list[int], room: bool = True) -> _Rows:
+    """Rows `keep` (local indices) of a piece, with their cache rows copied (in place on piece.cache's layers)."""
+    idx = torch.tensor(keep, dtype=torch.long, device=piece.mask.device)
+    for layer in piece.cache.layers:
+        layer.select(idx, room)
+    return _Rows([piece.rows[i] for i in keep], piece.cache, piece.mask[idx], piece.pos[idx])
+
+
+def _merge(pieces: list[_Rows], keeps: list[list[int]]) -> _Rows:
+    """One piece from rows `keeps[j]` of `pieces[j]`: each row's real cache columns right-aligned into the
+    longest row's width, in one gather per tensor (holes and finished rows vanish)."""
+    masks = [p.mask[k] for p, k in zip(pieces, keeps)]
+    width = max(int(m.sum(1).max()) for m in masks)
+    keys = [[] for _ in pieces[0].cache.layers]
+    vals = [[] for _ in pieces[0].cache.layers]
+    for j, (p, keep) in enumerate(zip(pieces, keeps)):
+        L = masks[j].shape[1]
+        pad = max(0, width - L)  # a piece too narrow to hold `width` columns is widened with holes on the left
+        mask = F.pad(masks[j], (pad, 0))  # (b, L + pad)
+        # stable sort puts a row's holes first and its real columns after, in their order
+        cols = torch.sort(mask, dim=1, stable=True).indices[:, -width:]  # (b, W)
+        rows = torch.tensor(keep, device=mask.device)[:, None]  # (b, 1)
+        for i, layer in enumerate(p.cache.layers):
+            for src, dst in ((layer.keys, keys[i]), (layer.values, vals[i])):
+                src = F.pad(src, (0, 0, pad, 0)) if pad else src  # (B, H, L + pad, D)
+                dst.append(src[rows, :, cols].transpose(1, 2))  # (b, W, H, D) -> (b, H, W, D)
+        n = mask.sum(1, keepdim=True)  # (b, 1)
+        masks[j] = (torch.arange(width, device=mask.device)[None] >= width - n).long()  # (b, W)
+    cache = pieces[0].cache
+    for i, layer in enumerate(cache.layers):
+        layer._own(torch.cat(keys[i]), torch.cat(vals[i]), width)
+    return _Rows([p.rows[r] for p, k in zip(pieces, keeps) for r in k], cache, torch.cat(masks),
+                 torch.cat([p.pos[k] for p, k in zip(pieces, keeps)]))
+
+
+_TAG_ENDING = weakref.WeakKeyDictionary()  # tokenizer -> {(V, device, len): flags}; a 150k vocabulary takes a while
+
+
+def _tag_ending_tokens(tokenizer, vocab_size: int, device) -> torch.Tensor:
+    """(V,) bool: tokens whose text contains '>' -- only these can complete a closing tag."""
+    cached = _TAG_ENDING.setdefault(tokenizer, {})
+    key = (vocab_size, str(device), len(tokenizer))
+    if key not in cached:
+        n = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        flags = torch.zeros(vocab_size, dtype=torch.bool)
+        flags[:n] = torch.tensor([">" in t for t in texts])
+        cached[key] = flags.to(device)
+    return cached[key]
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for e in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(e, int):
+            ids.add(e)
+        elif e is not None:
+            ids.update(int(x) for x in e)
+    return ids
+
+
+@dataclass
+class _Traj:  # mutable record while rolling out
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    searches: int = 0
+    valid: int = 0
+    answered: bool = False
+    answer: str | None = None  # from the model's answer action, never from observation text (which can hold tags)
+    done: bool = False
+    pending: list[int] = field(default_factory=list)  # ids appended but not yet fed to the model
+    stop: str = ""  # why the last turn ended: tag / eos / turn_cap / context
+
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def add_turn(self, ids: list[int], logprobs: list[float]):
+        self.spans.append((len(self.response_ids), len(self.response_ids) + len(ids)))
+        self.response_ids += ids
+        self.loss_mask += [1] * len(ids)
+        self.logprobs += logprobs
+        self.pending = ids[-1:]  # the other tokens were fed while decoding
+
+    def add_observation(self, ids: list[int], cfg: RolloutConfig):
+        if self.length() + len(ids) >= cfg.max_context:  # no room left to answer after it (docstring, 7)
+            self.done = True
+            return
+        self.response_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.pending += ids
+
+
+def _check(cfg: RolloutConfig, tokenizer, n_prompts: int, n_groups: int):
+    if n_prompts != n_groups:
+        raise ValueError(f"rollout got {n_prompts} prompts but {n_groups} group ids: pass one group id per prompt")
+    if cfg.temperature <= 0:
+        raise ValueError(f"RolloutConfig.temperature={cfg.temperature}: must be > 0 (use greedy=True)")
+    if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.max_turns < 0 or cfg.max_turn_tokens < 1:
+        raise ValueError(f"bad RolloutConfig {cfg}: need 0 < top_p <= 1, top_k >= 0, max_turns >= 0, "
+                         "max_turn_tokens >= 1")
+    tail = len(tokenizer(OBS_TAIL, add_special_tokens=False)["input_ids"])
+    if cfg.max_obs_tokens <= tail:
+        raise ValueError(f"RolloutConfig.max_obs_tokens={cfg.max_obs_tokens} cannot hold the closing "
+                         f"'</information>' ({tail} tokens) and any document: raise it")
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retriever, cfg: RolloutConfig,
+            generator: torch.Generator | None = None) -> list[Trajectory]:
+    """One trajectory per prompt (already repeated G times by the caller), in the same order."""
+    _check(cfg, tokenizer, len(prompts), len(group_ids))
+    device = next(model.parameters()).device
+    if getattr(getattr(model, "config", None), "use_sliding_window", False):
+        raise ValueError("rollout's KV cache does not support sliding-window attention: load the model with "
+                         "use_sliding_window=False")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}: "
+                         "create it with torch.Generator(device=<model device>)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    eos_set = _eos_ids(model, tokenizer)
+    eos = torch.tensor(sorted(eos_set), dtype=torch.long, device=device)
+    obs_ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in
+               (("invalid", INVALID_ACTION_MSG), ("tail", OBS_TAIL), ("empty", format_observation([])))}
+
+    trajs = [_Traj(wrap_prompt(tokenizer, p)) for p in prompts]
+    for i, t in enumerate(trajs):
+        t.pending = list(t.prompt_ids)
+        if len(t.prompt_ids) >= cfg.max_context:
+            raise ValueError(f"prompt {i} has {len(t.prompt_ids)} tokens >= max_context={cfg.max_context}: "
+                             "raise RolloutConfig.max_context or shorten the prompt")
+    piece = None  # the live rows and their cache, between turns
+    ends_tag = None
+    for turn in range(1, cfg.max_turns + 2):
+        final = turn == cfg.max_turns + 1
+        live = piece.rows if piece is not None else list(range(len(trajs)))  # cache row order
+        chunks = [trajs[i].pending for i in live]
+        for i in live:
+            trajs[i].pending = []
+        budget = torch.tensor([min(cfg.max_turn_tokens, cfg.max_context - trajs[i].length()) for i in live],
+                              device=device)  # (b,) tokens this row may sample in this turn
+        T = int(budget.max())
+        C = max(len(c) for c in chunks)
+        if piece is None:  # turn 1: the cache starts empty
+            piece = _Rows(live, _new_cache(room=T), torch.zeros(len(live), 0, dtype=torch.long, device=device),
+                          torch.zeros(len(live), dtype=torch.long, device=device))
+        else:
+            for layer in piece.cache.layers:
+                layer.reserve(C + T)  # the whole turn fits: no reallocation while decoding
+        # prefill the new chunks, left-padded so every row's last column is real
+        inp = torch.tensor([[pad_id] * (C - len(c)) + c for c in chunks], device=device)  # (b, C)
+        new_mask = torch.tensor([[0] * (C - len(c)) + [1] * len(c) for c in chunks], device=device)  # (b, C)
+        pos_ids = piece.pos[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)  # (b, C)
+        piece.pos = piece.pos + new_mask.sum(1)
+        piece.mask = torch.cat([piece.mask, new_mask], dim=1)
+        out = model(input_ids=inp, attention_mask=piece.mask, position_ids=pos_ids,
+                    past_key_values=piece.cache, use_cache=True, logits_to_keep=1)
+        piece.cache = out.past_key_values
+        if ends_tag is None:
+            ends_tag = _tag_ending_tokens(tokenizer, out.logits.shape[-1], device)
+
+        parked = []  # pieces split off during the turn (rows that stopped and will continue)
+        b = len(live)
+        buf_tok = torch.full((b, T), pad_id, dtype=torch.long, device=device)  # (b, T) this turn's tokens
+        buf_lp = torch.zeros(b, T, device=device)  # (b, T)
+        running = torch.ones(b, dtype=torch.bool, device=device)  # (b,)
+        n_idle = 0
+        for step in range(T):
+            tok, lp = sample(out.logits[:, -1], cfg, generator)  # (b,), (b,)
+            buf_tok[:, step], buf_lp[:, step] = tok, lp
+            cand = running & (ends_tag[tok] | torch.isin(tok, eos) | (budget <= step + 1))  # (b,)
+            cand_rows = cand.nonzero().squeeze(1).tolist()  # the one host sync per step
+            if cand_rows:
+                lo = max(0, step + 1 - _TAIL_TOKENS)
+                tails = buf_tok[cand_rows, lo:step + 1].tolist()
+                budgets = budget[cand_rows].tolist()
+                stopped = []
+                for r, tail, bud in zip(cand_rows, tails, budgets):
+                    text = tokenizer.decode(tail, skip_special_tokens=False)
+                    if any(tag in text for tag in TAGS):
+                        why = "tag"
+                    elif tail[-1] in eos_set:
+                        why = "eos"
+                    elif step + 1 >= bud:
+                        why = "turn_cap" if bud == cfg.max_turn_tokens else "context"
+                    else:
+                        continue  # a '>' that closes no tag
+                    stopped.append(r)
+                    trajs[piece.rows[r]].stop = why
+                if stopped:
+                    ids = buf_tok[stopped, :step + 1].tolist()
+                    lps = buf_lp[stopped, :step + 1].tolist()
+                    for r, tid, tlp in zip(stopped, ids, lps):
+                        trajs[piece.rows[r]].add_turn(tid, tlp)
+                    running[stopped] = False
+                    n_idle += len(stopped)
+            if n_idle == b:
+                break
+            if n_idle * 4 >= b:  # park the idle rows: from now on they cost nothing
+                flags = running.tolist()
+                run_rows = [r for r in range(b) if flags[r]]
+                # rows that may continue next turn keep their cache; EOS / full context / final turn: dropped
+                cont = [r for r in range(b) if not flags[r] and not final
+                        and trajs[piece.rows[r]].stop not in ("eos", "context")]
+                if cont:
+                    parked.append(_select(_Rows(piece.rows, _shallow_copy(piece.cache), piece.mask, piece.pos),
+                                          cont, room=False))
+                keep = torch.tensor(run_rows, device=device)
+                piece = _select(piece, run_rows)
+                tok, buf_tok, buf_lp, budget = tok[keep], buf_tok[keep], buf_lp[keep], budget[keep]
+                running = running[keep]
+                b, n_idle = len(run_rows), 0
+            # feed the sampled tokens; idle rows get pad with mask 0 (a hole in their cache row)
+            col = running.long()[:, None]  # (b, 1)
+            piece.mask = torch.cat([piece.mask, col], dim=1)
+            inp = torch.where(running, tok, torch.full_like(tok, pad_id))[:, None]  # (b, 1)
+            out = model(input_ids=inp, attention_mask=piece.mask, position_ids=piece.pos[:, None],
+                        past_key_values=piece.cache, use_cache=True, logits_to_keep=1)
+            piece.cache = out.past_key_values
+            piece.pos = piece.pos + col[:, 0]
+        pieces = parked + [piece]
+
+        _act(trajs, live, tokenizer, retriever, cfg, turn, obs_ids)
+        # drop finished rows, close the holes, continue with one piece
+        keeps = [[r for r, i in enumerate(p.rows) if not trajs[i].done] for p in pieces]
+        if not any(keeps):
+            break
+        pieces, keeps = zip(*[(p, k) for p, k in zip(pieces, keeps) if k])
+        piece = _merge(list(pieces), list(keeps))
+
+    result = []
+    for t, g in zip(trajs, group_ids):
+        text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
+        result.append(Trajectory(
+            group_id=int(g), prompt_ids=t.prompt_ids, response_ids=t.response_ids, loss_mask=t.loss_mask,
+            turn_spans=t.spans, sample_logprobs=t.logprobs, num_searches=t.searches, num_valid_actions=t.valid,
+            answered=t.answered, answer=t.answer, text=text))
+    return result
+
+
+def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: RolloutConfig, turn: int, obs_ids: dict):
+    """The protocol step after turn `turn` for rows `live`: done, or an observation appended (loss mask 0).
+    All queries of the turn go to the retriever in one call."""
+    queries, asking = [], []
+    for i in live:
+        t = trajs[i]
+        action, content = parse_action(tokenizer.decode(t.response_ids[t.spans[-1][0]:], skip_special_tokens=False))
+        t.valid += action is not None
+        if action == "answer":
+            t.done = t.answered = True
+            t.answer = content
+        elif t.stop in ("eos", "context") or turn == cfg.max_turns + 1:  # the final turn executes nothing
+            t.done = True
+        elif action == "search" and content:
+            queries.append(content)
+            asking.append(i)
+        else:  # an empty query retrieves nothing; no action gets the invalid-action message
+            t.add_observation(obs_ids["empty" if action == "search" else "invalid"], cfg)
+    if not queries:
+        return
+    try:
+        hits = retriever.search(queries, cfg.topk)
+        if len(hits) != len(queries):
+            raise ValueError(f"it returned {len(hits)} result lists")
+    except Exception as e:
+        raise RuntimeError(f"retriever failed in turn {turn} on {len(queries)} queries: {e}") from e
+    tail = obs_ids["tail"]
+    for i, ids in zip(asking, tokenizer([format_observation(h) for h in hits], add_special_tokens=False)["input_ids"]):
+        trajs[i].searches += 1
+        if len(ids) > cfg.max_obs_tokens:
+            ids = ids[:cfg.max_obs_tokens - len(tail)] + tail  # truncated, closing tag kept
+        trajs[i].add_observation(ids, cfg)
+
+
+def _shallow_copy(cache):
+    """A copy of the cache object and its layers sharing the tensors: `_select` on it (which replaces the
+    layers' tensors) leaves the original untouched."""
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+@dataclass
+class Batch:
+    """Prompts LEFT-padded to `prompt_len` (P), responses RIGHT-padded to R; columns = P + R."""
+    input_ids: torch.Tensor  # (B, P+R) long
+    attention_mask: torch.Tensor  # (B, P+R) long
+    position_ids: torch.Tensor  # (B, P+R) long, cumsum(mask) - 1 clipped at 0
+    response_mask: torch.Tensor  # (B, R) float, the loss mask
+    prompt_len: int
+
+    def to(self, device) -> "Batch":
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       position_ids=self.position_ids.to(device), response_mask=self.response_mask.to(device))
+
+    def select(self, indices) -> "Batch":
+        """Rows `indices`, with columns that are padding in all of them trimmed away."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.input_ids.device)
+        am = self.attention_mask[idx]  # (b, P+R)
+        P = self.prompt_len
+        p_real = int(am[:, :P].sum(1).max()) if len(idx) else 0
+        r_real = int(am[:, P:].sum(1).max()) if len(idx) else 0
+        cols = slice(P - p_real, P + r_real)
+        return Batch(self.input_ids[idx, cols], am[:, cols], self.position_ids[idx, cols],
+                     self.response_mask[idx, :r_real], p_real)
+
+
+def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
+    P = max(len(t.prompt_ids) for t in trajs)
+    R = max(len(t.response_ids) for t in trajs)
+    ids, am, rm = [], [], []
+    for t in trajs:
+        lp, lr = P - len(t.prompt_ids), R - len(t.response_ids)
+        ids.append([pad_id] * lp + t.prompt_ids + t.response_ids + [pad_id] * lr)
+        am.append([0] * lp + [1] * (len(t.prompt_ids) + len(t.response_ids)) + [0] * lr)
+        rm.append(list(t.loss_mask) + [0] * lr)
+    attention_mask = torch.tensor(am, dtype=torch.long)  # (B, P+R)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, P+R)
+    return Batch(torch.tensor(ids, dtype=torch.long), attention_mask, position_ids,
+                 torch.tensor(rm, dtype=torch.float), P)
+
+
+def response_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (B, R) of the response tokens [and entropies (B, R)] under logits / temperature;
+    0 at padding. Gradients flow if enabled by the caller."""
+    R = batch.input_ids.shape[1] - batch.prompt_len
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False, logits_to_keep=R + 1)
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V): position P-1+j predicts response token j
+    target = batch.input_ids[:, batch.prompt_len:]  # (B, R)
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, R)
+    real = batch.attention_mask[:, batch.prompt_len:].to(logp.dtype)  # (B, R)
+    logp = logp * real
+    if not with_entropy:
+        return logp
+    from loss import entropy_from_logits
+
+    return logp, entropy_from_logits(logits) * real
+
+
+@torch.no_grad()
+def score(model, batch: Batch, temperature: float, micro_batch_size: int, with_entropy: bool = False):
+    """`response_logprobs` without grad, in micro-batches of rows sorted by length (each trimmed of its own
+    padding); results in the original row order and width, 0 at padding."""
+    B, R = batch.response_mask.shape
+    lengths = batch.attention_mask.sum(1)  # (B,)
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    logp = torch.zeros(B, R, device=batch.input_ids.device)
+    ent = torch.zeros(B, R, device=batch.input_ids.device) if with_entropy else None
+    for s in range(0, B, micro_batch_size):
+        rows = order[s:s + micro_batch_size]
+        mb = batch.select(rows)
+        res = response_logprobs(model, mb, temperature, with_entropy)
+        r = mb.response_mask.shape[1]
+        idx = torch.tensor(rows, device=logp.device)
+        if with_entropy:
+            logp[idx, :r], ent[idx, :r] = res[0].float(), res[1].float()
+        else:
+            logp[idx, :r] = res.float()
+    return (logp, ent) if with_entropy else logp
