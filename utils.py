@@ -1,0 +1,267 @@
+"""Run plumbing for train.py, none of it RL: a dataclass config from YAML and flags, processes (torchrun,
+FSDP2 / DDP, metric reduction), and atomic, resumable checkpoints.
+
+Config: `parse_dataclass(Config, argv)` makes every field a flag (`--name VALUE`, bools take true/false) with its
+`metadata["help"]`; precedence is defaults < a resumed run's config.yaml < `--config FILE` < flags. An unknown
+key or flag, or a value of the wrong type, stops with a one-line error that names it.
+
+Checkpoints: run_dir/checkpoints/step_N/ holds the model and tokenizer (save_pretrained: eval.py and any Hugging
+Face tool load it) and state.pt (optimiser, scheduler, step, the caller's state; plain tensors and Python
+values, so torch.load(weights_only=True) reads it). step_N is written as step_N.tmp and renamed, then the file
+run_dir/latest is replaced atomically: a run killed while saving still resumes from the previous checkpoint.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def _as_bool(s: str) -> bool:
+    low = s.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _typed(key: str, value, typ, where: str):
+    """A YAML value checked against the field's type (ints are accepted as floats; so is '1e-6', which
+    YAML 1.1 reads as a string)."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if type(value) is not typ:
+        raise SystemExit(f"error: {where}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def read_yaml(path, fields: dict) -> dict:
+    """{key: value} of a YAML config file, each key a known field and each value of the field's type."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of config keys")
+    for k in data:
+        if k not in fields:
+            raise SystemExit(f"error: unknown config key '{k}' in {path} (known: {', '.join(fields)})")
+    return {k: _typed(k, v, fields[k].type, str(path)) for k, v in data.items()}
+
+
+def parse_dataclass(cls, argv=None, description: str = ""):
+    """An instance of the dataclass `cls` from defaults < RESUME/config.yaml < --config FILE < flags. A field
+    named `resume` holding a run directory makes that run's saved config the base, with run_dir = it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML file of config overrides (flags override it)")
+    for name, f in fields.items():
+        p.add_argument(f"--{name}", type=_as_bool if f.type is bool else f.type, default=argparse.SUPPRESS,
+                       metavar=f.type.__name__.upper(), help=f"{f.metadata['help']} (default: {f.default!r})")
+    flags = vars(p.parse_args(argv))
+    values = {}
+    if flags.get("resume"):
+        saved = Path(flags["resume"]) / "config.yaml"
+        if not saved.is_file():
+            raise SystemExit(f"error: --resume {flags['resume']} has no config.yaml: is it a run directory?")
+        values.update(read_yaml(saved, fields))
+        values["run_dir"] = flags["resume"]
+    if flags.get("config"):
+        values.update(read_yaml(flags["config"], fields))
+    values.update({k: v for k, v in flags.items() if k != "config"})
+    return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def setup_device(name: str = "") -> torch.device:
+    """The device (`name`, else this rank's GPU, else CPU); joins the process group under torchrun."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if name:
+        device = torch.device(name)
+    else:
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def wrap_model(model, mode: str, device, bf16: bool = False):
+    """Under torchrun: FSDP2 (each decoder layer, then the root; bf16 params with fp32 gradient reduction when
+    asked) or DDP. Alone: the model itself. FSDP2 and DDP both average gradients over ranks."""
+    if not dist.is_initialized():
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The plain module with full parameters, for no-grad passes. FSDP: all-gather once here, not at every
+    forward (every decode step), so ranks may also run different numbers of forwards; reshard after."""
+    if hasattr(model, "module"):  # DDP: the inner module has no hooks
+        yield model.module
+        return
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+@contextlib.contextmanager
+def grad_sync(model, sync: bool):
+    """Gradient reduction across ranks only when `sync` (the last micro-batch of a mini-batch)."""
+    if hasattr(model, "no_sync") and not sync:
+        with model.no_sync():
+            yield
+        return
+    if fsdp_modules(model):
+        model.set_requires_gradient_sync(sync)  # the root; recurses into the layers
+    yield
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class Meter:
+    """Metrics as (numerator, denominator) sums plus maxima, reduced over ranks in two collectives.
+    Every rank must add the same names (a 0 denominator or -inf when it has nothing)."""
+
+    def __init__(self):
+        self.num, self.den, self.max = {}, {}, {}
+
+    def add(self, name: str, num: float, den: float = 1.0):
+        self.num[name] = self.num.get(name, 0.0) + float(num)
+        self.den[name] = self.den.get(name, 0.0) + float(den)
+
+    def add_max(self, name: str, value: float):
+        self.max[name] = max(self.max.get(name, -math.inf), float(value))
+
+    def reduce(self, device) -> dict:
+        keys, mkeys = sorted(self.num), sorted(self.max)
+        t = all_sum(torch.tensor([self.num[k] for k in keys] + [self.den[k] for k in keys],
+                                 dtype=torch.float64, device=device)).tolist()
+        m = torch.tensor([self.max[k] for k in mkeys], dtype=torch.float64, device=device)
+        if dist.is_initialized() and mkeys:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        out = {k: t[i] / t[i + len(keys)] for i, k in enumerate(keys) if t[i + len(keys)] > 0}
+        out.update((k, v) for k, v in zip(mkeys, m.tolist()) if math.isfinite(v))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
+                    keep: int = 1) -> Path | None:
+    """run_dir/checkpoints/step_N, then run_dir/latest (module docstring); the `keep` newest are kept.
+    Every rank must call it (FSDP gathers the full state); rank 0 writes and gets the path."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=full)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=full)  # keyed by parameter name
+    if rank_world()[0] != 0:
+        return None
+    ckpts = run_dir / "checkpoints"
+    final, tmp = ckpts / f"step_{step:06d}", ckpts / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_atomic(run_dir / "latest", final.name + "\n")
+    done = sorted(p for p in ckpts.iterdir() if p.name.startswith("step_") and not p.name.endswith(".tmp"))
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    f = run_dir / "latest"
+    return run_dir / "checkpoints" / f.read_text().strip() if f.is_file() else None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Optimiser and scheduler state from ckpt/state.pt (the weights come from from_pretrained(ckpt)); returns
+    the rest of state.pt. Works across world sizes: the optimiser state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    saved = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+    set_optimizer_state_dict(model, optimizer, saved.pop("optimizer"),
+                             options=StateDictOptions(full_state_dict=dist.is_initialized()))
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    return saved
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the rows a killed run wrote after its last checkpoint: resuming writes them again."""
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        write_atomic(path, "".join(r + "\n" for r in rows))
