@@ -7,7 +7,7 @@
 
 One training step (`train_step`):
   1. prompts_per_step questions (seeded, epoch-shuffled; each rank its share), each repeated group_size times;
-  2. rollouts by the policy (rollout.py); reward = EM of the last answer (search_env.compute_reward);
+  2. rollouts by the policy (rollout.py); reward = EM of the policy's own answer action (never text inside observations);
   3. group advantages; old log-probs (and entropy) recomputed by the training model before any update;
      reference log-probs only when kl_coef > 0 (otherwise no reference model is loaded at all);
   4. ppo_epochs passes over the batch in mini-batches, one AdamW step each; micro-batches accumulate gradients
@@ -426,8 +426,10 @@ def train_step(run: Run, step: int) -> tuple[dict, str, tuple]:
     # 1-2. rollouts and rewards
     trajs, golds = collect(run, step)
     t_rollout = time.time() - t0
-    rewards = torch.tensor([search_env.compute_reward(t.text, g) for t, g in zip(trajs, golds)])
+    # t.answer comes from the policy's answer action: the response text also holds observations, and the
+    # invalid-action message itself contains "<answer> and </answer>"
     em = [search_env.exact_match(t.answer, g) for t, g in zip(trajs, golds)]
+    rewards = torch.tensor(em)
     n = len(trajs)
     meter.add("rollout/reward", rewards.sum(), n)
     meter.add("rollout/em", sum(em), n)
