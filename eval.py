@@ -306,7 +306,7 @@ def evaluate(model, tokenizer, examples: list[QAExample], retriever, cfg, batch_
 def _record(ex: QAExample, t) -> dict:
     # Only an answer action of the model counts: the text of an unanswered trajectory can still hold
     # "<answer> and </answer>" from the invalid-action message, which would score F1 against golds with "and".
-    answer = t.answer if t.answered else None
+    answer = t.answer  # None unless the model took an answer action (rollout.py)
     return {"id": ex.id, "data_source": ex.data_source, "question": ex.question, "golds": ex.golds,
             "answer": answer, "em": search_env.exact_match(answer, ex.golds),
             "f1": search_env.f1_score(answer, ex.golds), "num_searches": t.num_searches,

@@ -171,6 +171,7 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
                       add_special_tokens=False) for r in rows]
     resp = [[] for _ in rows]
     searches, done = [0] * len(rows), [False] * len(rows)
+    answers = [None] * len(rows)  # from the answer action only: the invalid-action message holds an answer tag
     for turn in range(max_turns + 1):
         live = [i for i in range(len(rows)) if not done[i]]
         if not live:
@@ -196,14 +197,14 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
                 resp[i] += tok.encode(search_env.INVALID_ACTION_MSG, add_special_tokens=False)
             else:
                 done[i] = True
+                answers[i] = content if kind == "answer" else None
         for i, hits in zip(waiting, retriever.search(queries, topk) if queries else []):
             searches[i] += 1
             resp[i] += tok.encode(search_env.format_observation(hits), add_special_tokens=False)
     out = []
     for r, i in zip(rows, range(len(rows))):
-        text = tok.decode(resp[i])
         golds = list(r["reward_model"]["ground_truth"]["target"])
-        out.append((search_env.compute_reward(text, golds), searches[i], search_env.extract_answer(text) is not None))
+        out.append((search_env.exact_match(answers[i], golds), searches[i], answers[i] is not None))
     return out
 
 
