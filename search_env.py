@@ -498,6 +498,7 @@ class DenseRetriever:
         self.device, self.batch_size, self.chunk_bytes = self.encoder.device, batch_size, chunk_bytes
         # mode "c" (copy-on-write) gives writable arrays without reading them: torch.from_numpy needs that.
         self.shards = [np.load(p, mmap_mode="c") for p in paths]
+        self._scratch, self._lock = torch.empty(0), threading.Lock()  # CPU scan buffers, kept between calls
         self.faiss = None
         if use_faiss:
             try:
@@ -529,12 +530,31 @@ class DenseRetriever:
                 best_s, best_i = _merge_topk(best_s, best_i, scores, base, k)
                 base += len(s)
         else:
-            rows = max(1, self.chunk_bytes // (4 * (len(q) + self.meta["dim"])))  # fp32 chunk + its scores
-            for s in self.shards:
-                for c in range(0, len(s), rows):
-                    chunk = torch.from_numpy(s[c:c + rows]).float()  # (rows, dim): fp16 from disk, fp32 math
-                    best_s, best_i = _merge_topk(best_s, best_i, q @ chunk.T, base + c, k)
-                base += len(s)
+            # The scores of consecutive chunks go side by side into one (Q, cols) block, and the running top-k
+            # runs once per block rather than once per chunk (fewer passes, fewer hand-offs between threads).
+            # The fp32 chunk and the block are scratch kept between calls (at most chunk_bytes): a fresh 40 MB
+            # block is fresh pages to fault in on every call, which made the bench's search ~40% slower.
+            dim = self.meta["dim"]
+            cols = min(self.meta["num_passages"], max(1, self.chunk_bytes // (4 * (len(q) + dim))))
+            rows = min(cols, max(len(s) for s in self.shards))
+            with self._lock:
+                if len(self._scratch) < rows * dim + len(q) * cols:
+                    self._scratch = torch.empty(rows * dim + len(q) * cols)
+                buf = self._scratch[:rows * dim].view(rows, dim)  # fp32 chunk
+                block = self._scratch[rows * dim:rows * dim + len(q) * cols].view(len(q), cols)  # (Q, cols)
+                filled = 0  # columns of the block holding scores; column j is passage base + j
+                for s in self.shards:
+                    c = 0
+                    while c < len(s):
+                        x = buf[:min(rows, cols - filled, len(s) - c)]
+                        x.copy_(torch.from_numpy(s[c:c + len(x)]))  # fp16 from disk -> fp32
+                        torch.mm(q, x.T, out=block[:, filled:filled + len(x)])  # (Q, n)
+                        filled, c = filled + len(x), c + len(x)
+                        if filled == cols:
+                            best_s, best_i = _merge_topk(best_s, best_i, block, base, k)
+                            base, filled = base + cols, 0
+                if filled:
+                    best_s, best_i = _merge_topk(best_s, best_i, block[:, :filled], base, k)
         return best_s.cpu().numpy(), best_i.cpu().numpy()
 
     def search(self, queries: list[str], k: int) -> list[list[dict]]:
@@ -546,12 +566,25 @@ class DenseRetriever:
                 for srow, irow in zip(scores, ids)]
 
 
-def _merge_topk(best_s, best_i, scores, base: int, k: int):
-    """Running top-k: merge the k best of a (Q, rows) score block into the (Q, k) best so far."""
+def _merge_topk(best_s, best_i, scores, base: int, k: int, groups: int = 16):
+    """Running top-k: merge the k best of a (Q, n) score block into the (Q, k) best so far.
+
+    On CPU, topk over the whole block costs about a third of the matmul that made it, so it runs on a block
+    `groups` times narrower: view the n columns as `groups` slots of w = n / groups, take each position's max
+    over the slots, and keep the k positions with the largest maxima. Every column among the block's k best sits
+    at one of those positions (one elsewhere is beaten by k maxima), so the k * groups columns there hold them."""
     import torch
 
-    v, i = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, k)
-    cat_s, cat_i = torch.cat([best_s, v], 1), torch.cat([best_i, i + base], 1)  # (Q, 2k)
+    Q, n = scores.shape
+    w = n // groups
+    if scores.is_cuda or n % groups or w < k:  # topk is cheap on GPU; ragged or narrow blocks take the plain path
+        v, i = scores.topk(min(k, n), dim=1)  # (Q, k)
+    else:
+        _, pos = scores.view(Q, groups, w).amax(1).topk(k, dim=1)  # (Q, k) best positions
+        pos = pos.unsqueeze(1).expand(Q, groups, k)
+        v = scores.view(Q, groups, w).gather(2, pos).view(Q, -1)  # (Q, groups * k) their columns' scores
+        i = (pos + torch.arange(0, n, w).view(1, groups, 1)).view(Q, -1)  # (Q, groups * k) column numbers
+    cat_s, cat_i = torch.cat([best_s, v], 1), torch.cat([best_i, i + base], 1)  # (Q, k + k or groups * k)
     best_s, o = cat_s.topk(k, dim=1)
     return best_s, cat_i.gather(1, o)
 

@@ -1,44 +1,50 @@
 """The toy world: a small, deterministic search-QA world in the real formats, plus a warm-started tiny policy.
 
-`python toy.py --out DIR [--seed N] [--force]` (or `build(out, seed)`) writes, in about 3 minutes on 2 cores:
+`python toy.py --out DIR [--seed N] [--force]` (or `build(out, seed)`) writes, in under 2 minutes on 2 cores:
 
     DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (SPEC 2)
     DIR/train.parquet    Search-R1 schema (SPEC 3), prompts from search_env.make_prompt
-    DIR/test.parquet     200 questions: 140 "toy_1hop", 60 "toy_2hop"
+    DIR/test.parquet     200 questions: 100 "toy_1hop", 100 "toy_2hop"
     DIR/bm25/            Lucene index of the corpus (search_env.build_bm25_index)
-    DIR/model/           tiny Qwen2ForCausalLM + byte-level BPE tokenizer with a chat template (save_pretrained)
+    DIR/model/           tiny Qwen2ForCausalLM + a byte-level BPE Qwen2Tokenizer with a chat template (save_pretrained)
 
-The world. Made-up people, organisations, cities, countries and rivers; every name is built from random syllables,
-so no answer can be guessed from a question. A person has a birth city, a birth year and an employer; an
-organisation has a founder, a founding year and a home city. Each entity has its own passage, written as
-"Zorvak Delm: birth city Vellmor. Zorvak Delm: birth year 1790. ..."; distractor passages (travels, letters, trade, rivalries, markets)
-mention the same names next to other cities and years, and names share given names, family names and
-organisation stems. Questions always end with their subject:
-  toy_1hop  "What is the birth city of Zorvak Delm?"                   search the person, read the city
-  toy_2hop  "What is the birth city of the founder of Quillari Works?" search the org -> founder -> search -> city
+The world. Made-up people, organisations, cities, countries and rivers, each named by one random-syllable word (one
+token: see the warm start), so no answer can be guessed from a question. A person has a birth city, a mentor and an
+employer; an organisation has a founder, a rival and a home city. Each entity has its own passage, written as
+"Zorvak: birth city Vellmor. Zorvak: mentor Quill. Zorvak: employer Drommel."; distractor passages (travels,
+letters, trade, rivalries, markets) mention the same names next to other cities and people. Questions end with
+their subject:
+  toy_1hop  "What is the birth city of Zorvak?"                  search the person, read the city
+  toy_2hop  "What is the birth city of the founder of Quillari?" search the org -> founder -> search -> city
 Test questions are about a held-out part of the world (their people and organisations, bridges included, never
 appear in a training question), so the model must read the answer off the corpus.
 
 The warm start. The tiny model is trained by supervised learning on scripted trajectories in the exact rollout
 format: chat-wrapped prompt, `<think> I need to find X. </think>\n<search> X </search>`, the observation
 search_env.format_observation(real BM25 top-3 for that query), `<think> birth city A. </think>\n<answer> A </answer>`
-and EOS. Pieces are tokenised one by one and concatenated as rollout.py does; the loss covers the model's tokens
-only. The think names the relation (copied from the question) and then the token that follows that relation in the
-passage ("birth city Vellmor"): a one-token-key copy (an induction head), which a 2-layer model learns in the
-budget. Restating "The birth city of X is A" (a key five tokens back) or the subject itself was not learnt.
+and EOS. Pieces are tokenised one by one, by the tokenizer a user loads with AutoTokenizer, and concatenated as
+rollout.py does; the loss covers the model's tokens only. The think names the relation (copied from the question)
+and then the token that follows that relation in the passage: a copy keyed on the previous token (an induction
+head), which a 2-layer model learns in the budget only when the copied name is a single token.
 
 Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, not to be a benchmark):
- 1. Scripted, not distilled, trajectories, with a deliberate, learnable mistake: in 60% of the two-hop trajectories
-    the model stops after the first search and answers with a same-typed fact of the first passage (the org's home
-    city instead of its founder's birth city). Greedy decoding then mostly takes that shortcut (low two-hop EM),
-    while sampling at temperature 1 takes the second search often enough for GRPO to reinforce it.
- 2. Every SFT sample is a training trajectory passed through a fresh random renaming of the world (each name part
-    within its kind, years to years), applied to prompt, observations and answers alike: structure and BM25 ranking
-    are real, the facts are new each time, so the model cannot memorise the training world and must read. Without
-    it the model memorised training facts and scored 0-7% on held-out questions.
- 3. Bitwise reproducibility holds for every file but the Lucene index (bm25/ stores random segment ids and
-    timestamps); the index returns the same hits. SFT runs on 1 thread: fixed reduction order, and no slowdown
-    from thread oversubscription on a shared CPU.
+ 1. Scripted, not distilled, trajectories, with two deliberate, learnable habits that leave RL its room. Two-hop:
+    in 70% of the scripts the model stops after the first search and answers with a same-typed fact of the first
+    passage (the org's home city instead of its founder's birth city). One-hop about an organisation: in 70% the
+    model searches, then ignores the passage ("<think> I know it. </think>") and answers a guess. Greedy decoding
+    takes both habits (two-hop and organisation EM near 0, people near 90%), while sampling at temperature 1 reads
+    and searches again often enough for GRPO to reinforce it.
+ 2. Every SFT sample is a training trajectory passed through a fresh random renaming of the world (each name within
+    its kind), applied to prompt, observations and answers alike: structure and BM25 ranking are real, the facts
+    are new each time, so the model cannot memorise the training world and must read.
+ 3. Curriculum: the first 800 of the 1,200 SFT steps leave out the prompt's instructions (the ~170 tokens every
+    prompt shares), so attention is not spread over them while the copy heads form. With the instructions from the
+    start the copy was not learnt in 1,500 steps; with 350-450 steps without them it was in some builds and not in
+    others (the moment the copy forms moves with the last bits of the floats). Two-hop questions are half of the
+    SFT samples (a third of the questions), so that sampling still searches a second time often enough.
+ 4. Bitwise reproducibility holds for every file but the Lucene index (bm25/ stores random segment ids and
+    timestamps); the index returns the same hits. SFT runs on a fixed 2 threads whatever the machine, so the
+    reduction order, and the weights, are the same on every run (2 threads are 1.5x faster than 1 here).
 """
 import argparse
 import json
@@ -53,34 +59,49 @@ from pathlib import Path
 
 import search_env
 
-N_GIVEN, N_FAMILY, N_STEMS = 30, 40, 80          # name parts, combined into people and organisations
-N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS = 400, 130, 40, 10, 20
+N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS = 400, 130, 40, 10, 20  # one-word names, one token each
 TEST_PERSONS, TEST_ORGS = 60, 30                  # held-out part of the world that test questions ask about
 N_PASSAGES = 2000
-N_TEST = {"toy_1hop": 140, "toy_2hop": 60}   # two-hop greedy EM starts near 0 (the shortcut): RL's room
-SHORTCUT_FRAC = 0.6                               # share of two-hop SFT trajectories that stop after one search
-ORG_SUFFIXES = ["Works", "Guild", "Company", "Foundry", "Institute", "Press"]
+N_TEST = {"toy_1hop": 100, "toy_2hop": 100}
+SHORTCUT_FRAC = 0.7  # share of two-hop SFT trajectories that stop after one search and answer a wrong fact
+LAZY_FRAC = 0.7      # share of one-hop SFT trajectories about organisations that answer a guess without reading
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "qu", "st", "br"]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "io", "ou"]
 CODAS = ["", "", "n", "r", "l", "k", "s", "m", "th", "nd"]
-TOKENIZER_VOCAB = 2048
+TOKENIZER_VOCAB = 4096
 CHAT_TEMPLATE = (
     "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=384, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
-SFT = dict(steps=1500, batch_size=16, lr=3e-3, warmup=30, weight_decay=0.01, threads=1)
+SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, weight_decay=0.01, threads=2)
 
-# Every question ends with its subject, and every fact is read by restating the passage's own sentence: the policy
-# copies the subject from a fixed offset, writes "<subject>: <relation>" and copies the token that follows the
-# relation's last word in the passage. Copying by a one-token key (induction) is what a tiny transformer learns fastest.
-RELATIONS = {"born_city": "birth city", "born_year": "birth year", "employer": "employer",
-             "founder": "founder", "founded_year": "founding year", "hq": "home city"}
-PERSON_RELS, ORG_RELS = ["born_city", "born_year", "employer"], ["founder", "founded_year", "hq"]
+# Every question ends with its subject, and every fact is read by restating the passage's words: the policy copies
+# the subject from a fixed offset, writes the relation and copies the name that follows it in the passage.
+# Copying by a one-token key (induction) is what a tiny transformer learns fastest.
+RELATIONS = {"born_city": "birth city", "mentor": "mentor", "employer": "employer",
+             "founder": "founder", "rival": "rival", "hq": "home city"}
+PERSON_RELS, ORG_RELS = ["born_city", "mentor", "employer"], ["founder", "rival", "hq"]
 # (bridge relation, final relation) -> shortcut relation: a same-typed fact of the first passage, a wrong answer
-TWO_HOP = {("founder", "born_city"): "hq", ("founder", "born_year"): "founded_year",
-           ("employer", "hq"): "born_city", ("employer", "founded_year"): "born_year"}
+TWO_HOP = {("founder", "born_city"): "hq", ("founder", "employer"): "rival",
+           ("employer", "hq"): "born_city", ("employer", "founder"): "mentor"}
+
+
+DISTRACTORS = [
+    ("Travels of {p}", "{p} travelled to {c} and stayed with {q}."),
+    ("Letter to {q}", "{p} sent a letter to {q} from {c}."),
+    ("{o} trade", "{o} sold goods to {p} in {c}."),
+    ("{o} and {o2}", "{o} and {o2} competed in {c}."),
+    ("Market of {c}", "The market of {c} was visited by {p} and {q}."),
+]
+# A made-up name must not be a word of the fixed text (the scrambler would rename it) nor a Lucene stopword (BM25
+# would drop it from the query): seed 0 once drew "This".
+RESERVED = set(re.findall(r"[a-z]+", " ".join([search_env.PROMPT_TEMPLATE, search_env.INVALID_ACTION_MSG,
+                                                *RELATIONS.values(), *(t + " " + x for t, x in DISTRACTORS),
+                                                "doc title information think I need to find know it is a city in "
+                                                "on the river"]).lower()))
+RESERVED |= {"into", "such", "that", "their", "then", "there", "these", "they", "this", "will", "with"}
 
 
 def sentence(rel: str, s: str, a: str) -> str:
@@ -97,7 +118,7 @@ def _make_words(rng: random.Random, n: int, used: set) -> list[str]:
     while len(out) < n:
         w = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.choice([1, 2])))
         w = (w + rng.choice(CODAS)).capitalize()
-        if len(w) >= 4 and w not in used:
+        if len(w) >= 4 and w not in used and w.lower() not in RESERVED:
             used.add(w)
             out.append(w)
     return out
@@ -106,24 +127,21 @@ def _make_words(rng: random.Random, n: int, used: set) -> list[str]:
 def make_world(rng: random.Random) -> dict:
     """Entities and facts. Index order is the split: the last TEST_* people/orgs are held out for test questions."""
     used: set = set()
-    given, family, stems = (_make_words(rng, n, used) for n in (N_GIVEN, N_FAMILY, N_STEMS))
-    cities, countries, rivers = (_make_words(rng, n, used) for n in (N_CITIES, N_COUNTRIES, N_RIVERS))
-    persons = rng.sample([f"{g} {f}" for g in given for f in family], N_PERSONS)
-    orgs = rng.sample([f"{s} {x}" for s in stems for x in ORG_SUFFIXES], N_ORGS)
+    persons, orgs, cities, countries, rivers = (_make_words(rng, n, used)
+                                                for n in (N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS))
     city_facts = {c: {"country": rng.choice(countries), "river": rng.choice(rivers)} for c in cities}
-    P = {p: {"born_city": rng.choice(cities), "born_year": str(rng.randint(1700, 1849))} for p in persons}
+    n_p, n_o = N_PERSONS - TEST_PERSONS, N_ORGS - TEST_ORGS
+    side = lambda pool, n, test: pool[n:] if test else pool[:n]  # noqa: E731  facts never cross the split
+    P = {p: {"born_city": rng.choice(cities),
+             "mentor": rng.choice([q for q in side(persons, n_p, i >= n_p) if q != p])} for i, p in enumerate(persons)}
     O = {}
     for i, o in enumerate(orgs):
-        test = i >= N_ORGS - TEST_ORGS  # founders and employees stay inside their own split
-        pool = persons[N_PERSONS - TEST_PERSONS:] if test else persons[:N_PERSONS - TEST_PERSONS]
-        f = rng.choice(pool)
-        hq = rng.choice([c for c in cities if c != P[f]["born_city"]])
-        O[o] = {"founder": f, "founded_year": str(int(P[f]["born_year"]) + rng.randint(25, 55)), "hq": hq}
+        f = rng.choice(side(persons, n_p, i >= n_o))
+        O[o] = {"founder": f, "rival": rng.choice([x for x in side(orgs, n_o, i >= n_o) if x != o]),
+                "hq": rng.choice([c for c in cities if c != P[f]["born_city"]])}
     for i, p in enumerate(persons):
-        test = i >= N_PERSONS - TEST_PERSONS
-        pool = orgs[N_ORGS - TEST_ORGS:] if test else orgs[:N_ORGS - TEST_ORGS]
-        P[p]["employer"] = rng.choice([o for o in pool if O[o]["hq"] != P[p]["born_city"]])
-    pools = [given, family, stems, cities, countries, rivers]
+        P[p]["employer"] = rng.choice([o for o in side(orgs, n_o, i >= n_p) if O[o]["hq"] != P[p]["born_city"]])
+    pools = [persons, orgs, cities, countries, rivers]
     return {"persons": persons, "orgs": orgs, "cities": cities, "P": P, "O": O, "C": city_facts, "pools": pools}
 
 
@@ -136,18 +154,11 @@ def make_corpus(world: dict, rng: random.Random) -> list[dict]:
         docs.append((o, " ".join(sentence(r, o, O[o][r]) for r in ORG_RELS)))
     for c in world["cities"]:
         docs.append((c, f"{c} is a city in {C[c]['country']}, on the river {C[c]['river']}."))
-    distractors = [
-        ("Travels of {p}", "{p} travelled to {c} in {y} and stayed with {q}."),
-        ("Letter to {q}", "In {y} {p} sent a letter to {q} from {c}."),
-        ("{o} trade", "{o} sold goods to {p} in {c} in {y}."),
-        ("{o} and {o2}", "{o} and {o2} competed in {c} after {y}."),
-        ("Market of {c}", "The market of {c} was visited by {p} and {q} in {y}."),
-    ]
     while len(docs) < N_PASSAGES:
-        title, text = rng.choice(distractors)
+        title, text = rng.choice(DISTRACTORS)
         p, q = rng.sample(world["persons"], 2)
         o, o2 = rng.sample(world["orgs"], 2)
-        kw = dict(p=p, q=q, o=o, o2=o2, c=rng.choice(world["cities"]), y=str(rng.randint(1700, 1900)))
+        kw = dict(p=p, q=q, o=o, o2=o2, c=rng.choice(world["cities"]))
         docs.append((title.format(**kw), text.format(**kw)))
     rng.shuffle(docs)
     return [{"id": str(i), "contents": f'"{t}"\n{x}'} for i, (t, x) in enumerate(docs)]
@@ -161,24 +172,27 @@ def make_questions(world: dict) -> list[dict]:
     """Every question the world allows, with its plan: hops [(entity to search, sentence read off its passage)]."""
     qs = []
     n_tr_p, n_tr_o = N_PERSONS - TEST_PERSONS, N_ORGS - TEST_ORGS
+    kinds = {"born_city": world["cities"], "hq": world["cities"], "mentor": world["persons"],
+             "founder": world["persons"], "employer": world["orgs"], "rival": world["orgs"]}  # what a guess looks like
     for subjects, rels, n_train in ((world["persons"], PERSON_RELS, n_tr_p), (world["orgs"], ORG_RELS, n_tr_o)):
         for i, s in enumerate(subjects):
             split = "train" if i < n_train else "test"
             for rel in rels:
                 a = _fact(world, rel, s)
                 qs.append({"question": f"What is the {RELATIONS[rel]} of {s}?", "answer": a, "source": "toy_1hop",
-                           "split": split, "hops": [(s, note(rel, a))], "shortcut": None})
+                           "split": split, "hops": [(s, note(rel, a))], "shortcut": None,
+                           "guesses": kinds[rel] if rel in ORG_RELS else None})
             for (r1, r2), cut in TWO_HOP.items():
                 if r1 not in rels:
                     continue
                 b = _fact(world, r1, s)
                 a, wrong = _fact(world, r2, b), _fact(world, cut, s)
-                if a == wrong:
+                if a in (wrong, s):  # the shortcut would be right, or the answer is in the question
                     continue
                 qs.append({"question": f"What is the {RELATIONS[r2]} of the {RELATIONS[r1]} of {s}?", "answer": a,
                            "source": "toy_2hop", "split": split,
                            "hops": [(s, note(r1, b)), (b, note(r2, a))],
-                           "shortcut": (note(cut, wrong), wrong)})
+                           "shortcut": (note(cut, wrong), wrong), "guesses": None})
     return qs
 
 
@@ -205,6 +219,8 @@ def script(q: dict, observe, rng: random.Random) -> list[tuple[str, bool]]:
     if q["shortcut"] is not None and rng.random() < SHORTCUT_FRAC:
         fact, wrong = q["shortcut"]
         return pieces + [(f"<think> {fact} </think>\n<answer> {wrong} </answer>", True)]
+    if q["guesses"] is not None and rng.random() < LAZY_FRAC:
+        return pieces + [(f"<think> I know it. </think>\n<answer> {rng.choice(q['guesses'])} </answer>", True)]
     for (_, fact), nxt in zip(q["hops"], q["hops"][1:]):
         pieces += [(f"<think> {fact} </think>\n<search> {nxt[0]} </search>", True), (observe(nxt[0]), False)]
     return pieces + [(f"<think> {q['hops'][-1][1]} </think>\n<answer> {q['answer']} </answer>", True)]
@@ -218,39 +234,55 @@ def scrambler(world: dict, rng: random.Random):
     table = {}
     for pool in world["pools"]:
         table.update(zip(pool, rng.sample(pool, len(pool))))
-    years = [str(y) for y in range(1700, 1910)]
-    table.update(zip(years, rng.sample(years, len(years))))
     return lambda text: WORD_RE.sub(lambda m: table.get(m.group(0), m.group(0)), text)
 
 
 def make_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained on the toy text, as a Qwen2Tokenizer: the class AutoTokenizer loads for a qwen2 model
+    folder, which re-applies Qwen2's normaliser and pre-tokeniser (one digit per token, a word with its leading space
+    or mark) over the saved vocabulary. Training with the same pre-tokeniser keeps the merges meaningful."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    bpe = json.loads(tok.to_str())["model"]
+    return Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE,
+                          clean_up_tokenization_spaces=False)
 
 
 def encode_trajectory(tokenizer, prompt: str, pieces) -> tuple[list[int], list[int]]:
     """Token ids and loss mask, piece by piece, exactly as a rollout concatenates them (never re-encoding text)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    mask = [0] * len(ids)
-    for text, mine in pieces:
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        ids += piece
-        mask += [int(mine)] * len(piece)
-    ids.append(tokenizer.eos_token_id)  # the response ends with EOS after </answer>
-    mask.append(1)
-    return ids, mask
+    return encode_trajectories(tokenizer, [(prompt, pieces)])[0]
+
+
+def encode_trajectories(tokenizer, samples) -> list[tuple[list[int], list[int]]]:
+    """encode_trajectory for many (prompt, pieces) at once, in one batched tokenizer call (a call per piece was a
+    tenth of the build)."""
+    texts = []
+    for prompt, pieces in samples:
+        texts.append(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True))
+        texts += [text for text, _ in pieces]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    out = []
+    for _, pieces in samples:
+        ids = list(next(encoded))
+        mask = [0] * len(ids)
+        for _, mine in pieces:
+            piece = next(encoded)
+            ids += piece
+            mask += [int(mine)] * len(piece)
+        out.append((ids + [tokenizer.eos_token_id], mask + [1]))  # the response ends with EOS after </answer>
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ warm start
@@ -292,11 +324,14 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             for r, i in enumerate(idx):
                 ids[r, :len(seqs[i][0]) - P] = torch.tensor(seqs[i][0][P:])
                 mask[r, :len(seqs[i][1]) - P] = torch.tensor(seqs[i][1][P:], dtype=torch.bool)
-            cache = model.model(input_ids=prefix, use_cache=True).past_key_values
-            for layer in cache.layers:  # (1, kv_heads, P, d) -> (B, kv_heads, P, d), gradients flow back
-                layer.keys, layer.values = (x.expand(len(idx), -1, -1, -1) for x in (layer.keys, layer.values))
+            if step < SFT["short_steps"]:  # curriculum: no instructions, so attention finds the names quickly
+                cache, pos = None, torch.arange(T).expand(len(idx), -1)  # (B, T)
+            else:
+                cache = model.model(input_ids=prefix, use_cache=True).past_key_values
+                for layer in cache.layers:  # (1, kv_heads, P, d) -> (B, kv_heads, P, d), gradients flow back
+                    layer.keys, layer.values = (x.expand(len(idx), -1, -1, -1) for x in (layer.keys, layer.values))
+                pos = torch.arange(P, P + T).expand(len(idx), -1)  # (B, T)
             # right padding under a causal mask never reaches real tokens, so no attention mask is needed
-            pos = torch.arange(P, P + T).expand(len(idx), -1)  # (B, T)
             hidden = model.model(input_ids=ids, past_key_values=cache, position_ids=pos).last_hidden_state  # (B, T, H)
             target = mask[:, 1:]  # (B, T-1): predict token t+1 only where it is the model's own
             logits = model.lm_head(hidden[:, :-1][target])  # (N, V): logits only where the loss needs them
@@ -350,14 +385,8 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
         qs = make_questions(world)
         train = [q for q in qs if q["split"] == "train"]
         rng.shuffle(train)
-        # Draw 100 + 100 from the main stream, then rebalance to N_TEST with a side stream: the SFT below consumes the
-        # same stream, and whether a 2-layer model learns to copy within the step budget depends on it (seed 0's
-        # stream does; a different stream plateaued at loss 0.4 in a trial).
         pools = {src: [q for q in qs if q["split"] == "test" and q["source"] == src] for src in N_TEST}
-        drawn = {src: rng.sample(pools[src], 100) for src in N_TEST}
-        side = random.Random(seed + 1)
-        more = side.sample([q for q in pools["toy_1hop"] if q not in drawn["toy_1hop"]], N_TEST["toy_1hop"] - 100)
-        test = drawn["toy_1hop"] + more + drawn["toy_2hop"][:N_TEST["toy_2hop"]]
+        test = [q for src, n in N_TEST.items() for q in rng.sample(pools[src], n)]
         rng.shuffle(test)
         write_parquet(train, "train", tmp / "train.parquet")
         write_parquet(test, "test", tmp / "test.parquet")
@@ -370,16 +399,30 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
         prompts = lambda qs: [search_env.make_prompt(q["question"]) for q in qs]  # noqa: E731
         texts = [d["contents"] for d in corpus] + prompts(qs)
         texts += [t for q in train[:500] for t, _ in script(q, observe, rng)]
-        tokenizer = make_tokenizer(texts)
-        seqs = []
+        words = [w for pool in world["pools"] for w in pool]
+        tokenizer = make_tokenizer(texts + [" ".join(words)] * 20)  # repeated: every name becomes one token
+        split = [w for w in words if len(tokenizer.encode(" " + w, add_special_tokens=False)) != 1]
+        if split:  # the copy skill a 2-layer model learns in the budget is one token long
+            raise RuntimeError(f"toy: {len(split)} names are several tokens (e.g. {split[0]!r}): raise TOKENIZER_VOCAB")
+        # Half the SFT samples are two-hop (a third of the questions): with fewer, sampling at temperature 1 rarely
+        # searched a second time in one build, which left GRPO nothing to reinforce on two-hop questions.
+        by_kind = [[q for q in train if q["source"] == src] for src in N_TEST]
+        samples = []
         for i in range(SFT["steps"] * SFT["batch_size"]):  # epochs over the training questions, branches redrawn
-            q = train[i % len(train)]
+            kind = by_kind[i % 2]
+            q = kind[i // 2 % len(kind)]
             scr = scrambler(world, rng)
             pieces = [(scr(t), m) for t, m in script(q, observe, rng)]
-            seqs.append(encode_trajectory(tokenizer, scr(search_env.make_prompt(q["question"])), pieces))
+            samples.append((scr(search_env.make_prompt(q["question"])), pieces))
+        seqs = encode_trajectories(tokenizer, samples)
         model = warm_start(tokenizer, seqs, seed)
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        from transformers import AutoTokenizer
+        loaded = AutoTokenizer.from_pretrained(tmp / "model")
+        if any(loaded.encode(t) != tokenizer.encode(t) for t in texts[-50:]):  # trained on what users will feed
+            raise RuntimeError(f"toy: the saved tokenizer ({type(loaded).__name__}) encodes differently from the one "
+                               "the warm start was trained with")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out.exists():
             shutil.rmtree(out)

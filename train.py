@@ -74,7 +74,7 @@ class Config:
     resume: str = h("", "run directory to continue from its latest checkpoint (its config.yaml is the base)")
     seed: int = h(0, "the one seed: data order, sampling, shuffling")
     # --- rollout
-    steps: int = h(150, "training steps (rollout + update each)")
+    steps: int = h(60, "training steps (rollout + update each)")
     prompts_per_step: int = h(16, "questions per step, over all ranks")
     group_size: int = h(5, "samples per question (G)")
     max_turns: int = h(3, "turns that may search, then one final answer turn")
@@ -111,7 +111,7 @@ class Config:
     dist: str = h("fsdp", "multi-process wrapping under torchrun: fsdp (FSDP2 fully_shard) or ddp")
     device: str = h("", "cpu, cuda, cuda:1 ...; empty = cuda if available else cpu")
     # --- logging, checkpoints, eval
-    save_every: int = h(50, "checkpoint every N steps (and at the end); 0 = only at the end")
+    save_every: int = h(20, "checkpoint every N steps (and at the end); 0 = only at the end")
     keep_checkpoints: int = h(1, "checkpoints kept in run_dir/checkpoints")
     sample_every: int = h(10, "write sample trajectories to trajectories.jsonl every N steps; 0 = never")
     sample_groups: int = h(2, "groups written per sample")

@@ -11,11 +11,13 @@ of Search-R1's HF loop, made kinder: it stops at the tags instead of decoding to
 re-encoding text, so that both engines produce the same tokens. Same retriever (BM25 over the toy corpus), same
 configuration, greedy.
 
-64 prompts x 5 samples (greedy: the samples repeat; the batch has 320 rows) x up to max_turns + 1 turns. Each engine
-runs in its own child process (so that peak memory is its own) after a warm-up on 4 prompts. Reported: wall time,
-trajectories/s, generated (loss-mask) tokens/s, peak memory of the rollout (CPU: growth of the process's peak RSS
-during the timed run; GPU: torch.cuda.max_memory_allocated). `--model-shape qwen2.5-3b` swaps in a randomly
-initialised Qwen2 with Qwen2.5-3B's shape (bf16, vocabulary cut to the toy tokenizer's size) for a GPU.
+64 prompts x 5 samples (greedy: the samples repeat; the batch has 320 rows) x up to max_turns + 1 turns. Ours prefills
+each distinct prompt once (prefix sharing, as vLLM does; a GRPO batch always repeats each prompt G times), the
+baseline all 320 rows, as HF generate in Search-R1's loop does. Each engine runs in its own child process (so that
+peak memory is its own) after a warm-up on 4 prompts. Reported: wall time, trajectories/s, generated (loss-mask)
+tokens/s, peak memory of the rollout (CPU: growth of the process's peak RSS during the timed run; GPU:
+torch.cuda.max_memory_allocated). `--model-shape qwen2.5-3b` swaps in a randomly initialised Qwen2 with Qwen2.5-3B's
+shape (bf16, vocabulary cut to the toy tokenizer's size) for a GPU.
 The last line is `ratio: X.XX` = our trajectories/s over the baseline's (target >= 2 on CPU).
 """
 import argparse

@@ -5,6 +5,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import rollout as rollout_module
 import search_env
 from rollout import (Batch, RolloutConfig, Trajectory, collate, response_logprobs, rollout, score,
                      wrap_prompt)
@@ -120,11 +121,14 @@ def slow_rollout(model, tokenizer, prompt: str, retriever, cfg: RolloutConfig):
     return resp, mask
 
 
-def test_greedy_kv_engine_equals_full_recompute_random_model(tok):
-    # prompts of different lengths (left padding), rows stopping at different steps (parking, holes), caps
+@pytest.mark.parametrize("prefill_tokens", [4096, 16])
+def test_greedy_kv_engine_equals_full_recompute_random_model(tok, monkeypatch, prefill_tokens):
+    # prompts of different lengths (left padding), rows stopping at different steps (parking, holes), caps;
+    # repeated prompts share one prefill; 16 tokens per prefill block splits every prefill into many blocks
+    monkeypatch.setattr(rollout_module, "_PREFILL_TOKENS", prefill_tokens)
     model = tiny_qwen(len(tok))
     prompts = ["Q: where?", "Question number one about a rather long thing", "x", "what is the capital of it",
-               "ab cd", "12345 678"]
+               "ab cd", "12345 678", "Q: where?", "ab cd", "Q: where?"]
     cfg = RolloutConfig(max_turns=2, max_turn_tokens=10, max_obs_tokens=50, greedy=True, max_context=600)
     trajs = rollout(model, tok, prompts, list(range(len(prompts))), FakeRetriever(), cfg)
     lengths = set()

@@ -256,6 +256,23 @@ def test_dense_search_is_exact_inner_product(dense):
     assert [[h["id"] for h in hits] for hits in f.search(queries, 4)] == [[h["id"] for h in hits] for hits in res]
 
 
+def test_merge_topk_grouped_path_is_exact():
+    """Wide score blocks take _merge_topk's grouped path (max over 16 slots, then topk over the k best positions):
+    same values as a plain topk, indices pointing at columns holding them, ties included, merged with earlier bests."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 50, (6, 1024), generator=g).float()  # many ties among 50 values
+    scores[0, [3, 700, 1000]] = 99.0  # the three best of row 0 in three different slots
+    scores[1, [64, 128, 192]] = 99.0  # ... and of row 1 all at the same position of their slots
+    best_s, best_i = torch.full((6, 3), 60.0), torch.arange(3).repeat(6, 1) - 100  # earlier bests: 60 beats all but 99
+    s, i = se._merge_topk(best_s, best_i, scores, base=1000, k=3)
+    assert s[:2].tolist() == [[99.0] * 3] * 2 and sorted(i[0].tolist()) == [1003, 1700, 2000]
+    assert sorted(i[1].tolist()) == [1064, 1128, 1192]
+    assert s[2:].tolist() == [[60.0] * 3] * 4 and sorted(i[2].tolist()) == [-100, -99, -98]
+    s, i = se._merge_topk(torch.full((6, 3), -1.0), torch.zeros(6, 3, dtype=torch.long), scores, 0, 3)
+    assert s.tolist() == scores.topk(3, dim=1).values.tolist()
+    assert (scores.gather(1, i) == s).all() and all(len(set(r)) == 3 for r in i.tolist())
+
+
 def test_dense_index_resumes_and_refuses_other_settings(dense, tmp_path):
     rows, d = dense
     import shutil

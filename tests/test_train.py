@@ -162,7 +162,9 @@ def test_paper_configs_parse():
 
 def test_non_finite_loss_is_skipped_counted_and_the_run_goes_on(toy_dir, tmp_path):
     run_dir = tmp_path / "nan"
+    # turns long enough to answer, so that step 2's groups are not all-wrong (zero advantages give a zero gradient)
     train.main(["--toy_dir", str(toy_dir), "--run_dir", str(run_dir), *TINY, "--eval_start_end", "false",
+                "--max_turns", "2", "--max_turn_tokens", "48",
                 "--save_every", "1", "--keep_checkpoints", "2", "--debug_nan_step", "1"])
     r1, r2 = _rows(run_dir)
     assert r1["train/skipped_steps"] == 2 and r1["train/skipped_total"] == 2  # 8 rows / 4 per mini-batch
