@@ -465,7 +465,7 @@ def test_toy_policy_searches_and_em_in_promised_range(toy_dir, bm25):
     golds = [list(r["reward_model"]["ground_truth"]["target"]) for r in rows]
     trajs = rollout(model, tokenizer, prompts, list(range(len(rows))), bm25,
                     RolloutConfig(max_turns=4, max_turn_tokens=100, max_obs_tokens=300, greedy=True))
-    em = sum(search_env.compute_reward(t.text, g) for t, g in zip(trajs, golds)) / len(rows)
+    em = sum(search_env.exact_match(t.answer, g) for t, g in zip(trajs, golds)) / len(rows)
     assert 0.10 <= em <= 0.50, em
     assert sum(t.num_searches > 0 for t in trajs) >= len(trajs) // 2
     assert all(t.turn_spans and t.turn_spans[0][0] == 0 for t in trajs)
