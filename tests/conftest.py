@@ -42,6 +42,9 @@ def toy_dir() -> Path:
             os.replace(tmp, out)  # atomic: a concurrent or interrupted build never leaves a half world
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is identical
+        for old in out.parent.glob("toy-*"):  # worlds built by earlier versions of the code (~20 MB each)
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -167,6 +167,75 @@ def test_bm25_index_errors(small, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bm25_prebuilt_indexes_match_pyserini_exactly(small, tmp_path):
+    """Indexes built by Pyserini's own indexer (raw JSON stored, or nothing but the id, as prebuilt ones may be)
+    give the same hits as ours, and ids and scores equal Pyserini's LuceneSearcher to the last bit."""
+    from jnius import autoclass
+    from pyserini.search.lucene import LuceneSearcher
+
+    rows, _, _ = small
+    odd = '"Ünïcödé 🙂 日本語"\nemoji 🙂🚀 tab\tback\\slash "quotes" {json: [1, 2]} \\u0000 NUL\x00 zolorixpel'
+    rows = [{"id": str(i), "contents": r["contents"]} for i, r in enumerate(rows[:60] + [{"contents": odd}])]
+    d = tmp_path / "in"
+    d.mkdir()
+    with open(d / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    se.build_bm25_index(d / "corpus.jsonl", tmp_path / "ours", progress=False)
+    for name, flags in [("raw", ["-storeRaw"]), ("bare", [])]:
+        autoclass("io.anserini.index.IndexCollection").main(
+            ["-collection", "JsonCollection", "-input", str(d), "-index", str(tmp_path / name), "-generator",
+             "DefaultLuceneDocumentGenerator", "-threads", "1", "-quiet"] + flags)
+    with pytest.raises(ValueError, match="stores no documents: pass corpus="):
+        se.BM25Retriever(tmp_path / "bare").search(["zolorixpel"], 1)
+    _, queries = known_item_queries(rows, n=20)
+    queries += ["zolorixpel", "emoji", "日本語"]
+    ours = se.BM25Retriever(tmp_path / "ours").search(queries, 4)
+    assert ours[-3][0]["contents"] == odd and ours[-3][0]["id"] == "60"
+    pyserini = LuceneSearcher(str(tmp_path / "ours"))
+    for q, hits in zip(queries, ours):
+        expect = pyserini.search(q, k=4)
+        assert [(h["id"], h["score"]) for h in hits] == [(e.docid, float(e.score)) for e in expect]
+        assert all(h["contents"] == rows[int(h["id"])]["contents"] for h in hits)
+    assert se.BM25Retriever(tmp_path / "raw").search(queries, 4) == ours
+    assert se.BM25Retriever(tmp_path / "bare", corpus=d / "corpus.jsonl").search(queries, 4) == ours
+
+
+JVM_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+import search_env
+search_env.start_jvm()
+print("ready", flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_jvm_leaves_ctrl_c_and_sigterm_to_python(sig, tmp_path):
+    """With the JVM in the process, Ctrl-C must still raise KeyboardInterrupt and SIGTERM must end the process
+    as it would without a JVM (the JVM's own handlers exit with 130/143, and crash torch under SIGTERM)."""
+    import signal
+
+    code = JVM_CHILD.format(root=str(Path(se.__file__).resolve().parent))
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(getattr(signal, sig))
+        out, _ = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    if sig == "SIGINT":
+        assert (p.returncode, out.strip()) == (3, "KeyboardInterrupt")
+    else:
+        assert p.returncode == -signal.SIGTERM
+    assert not list(tmp_path.glob("hs_err_pid*.log"))
+
+
 def test_load_retriever_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         se.load_retriever(str(tmp_path / "nowhere"))
