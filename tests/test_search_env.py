@@ -205,8 +205,8 @@ import sys, time
 sys.path.insert(0, {root!r})
 import search_env
 search_env.start_jvm()
-print("ready", flush=True)
 try:
+    print("ready", flush=True)  # inside the try: the signal may come before print returns
     time.sleep(60)
 except KeyboardInterrupt:
     print("KeyboardInterrupt", flush=True)
