@@ -134,6 +134,8 @@ def test_bm25_known_items_at_rank_1(small):
         scores = [h["score"] for h in hits]
         assert scores == sorted(scores, reverse=True) and all(isinstance(s, float) for s in scores)
     assert bm25.search([], 3) == []
+    deep = bm25.search(queries, 1000)  # 20,000 hits per round trip from Java: 40 queries go in two batches
+    assert [hits[:5] for hits in deep] == results and sum(map(len, deep)) > 5 * len(deep)
 
 
 HOSTILE = ['"quoted" AND (x OR y) NOT z', 'title:foo^2 ~ * ? [1 TO 5] {x} /re/ && || !', "a\\b\\", "",
