@@ -365,7 +365,7 @@ class BM25Retriever:
 
     def search(self, queries: list[str], k: int) -> list[list[dict]]:
         queries, out = list(queries), []
-        step = max(1, 20_000 // max(k, 1))  # at most ~20,000 hits (~20 MB of JSON) per round trip
+        step = max(1, 20_000 // max(k, 1))  # at most ~20,000 hits (~15 MB of JSON) per round trip
         for lo in range(0, len(queries), step):
             chunk = queries[lo:lo + step]
             try:
