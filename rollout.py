@@ -2,11 +2,15 @@
 finished rollouts for training.
 
 One rollout, per trajectory: the chat-wrapped prompt, then up to `max_turns` turns that may search, then one
-final turn. A turn ends at the first `</search>` or `</answer>` in the turn's decoded text, at EOS, at
-`max_turn_tokens`, or when prompt + response reaches `max_context`. Then, all trajectories of the batch at
-once: answer / EOS / final turn / context full -> done; search -> the queries of the whole batch go to the
-retriever in ONE call and each observation (truncated to `max_obs_tokens`, closing tag kept) is appended;
-no action -> the invalid-action message is appended. Observation ids get loss mask 0 and log-prob 0.
+final turn. A turn ends at the first `</search>` or `</answer>` in the turn's text (decoded without special
+tokens, as Search-R1 reads it), at EOS, at `max_turn_tokens`, or when prompt + response reaches `max_context`.
+Then, all trajectories of the batch at once (Search-R1's `execute_predictions`): answer / final turn / context
+full -> done; search -> the queries of the whole batch go to the retriever in ONE call and each observation
+(truncated to `max_obs_tokens`, closing tag kept) is appended; no action (EOS and the turn cap included) -> the
+invalid-action message is appended and the trajectory goes on; an EOS followed by the message leaves the
+response (Search-R1 decodes turns without special tokens and re-tokenises them). Observation ids get loss mask
+0 and log-prob 0. The action and the answer are read from the turn decoded without special tokens, so
+`Par<|endoftext|>is` answers `Paris`, as in Search-R1.
 
 Engine (what `rollout` does, and why it is fast):
   * One DynamicCache for all live rows. Prompts are left-padded; `attention_mask` covers the whole cache and
@@ -30,26 +34,36 @@ Engine (what `rollout` does, and why it is fast):
     EOS, or that reached their cap are examined; for those, the last 16 tokens of the turn are decoded and
     searched for the tags. Per step there is one host sync and Python work only for those rows.
 
-Departures from Search-R1 (`search_r1/llm_agent/generation.py`), numbered:
+Departures from Search-R1 (`search_r1/llm_agent/generation.py`), numbered; what the policy sees is otherwise
+the same text (prompt, turns cut at the tag, observations, invalid-action message):
  1. Search-R1 re-encodes the whole context every turn and generates up to the cap past `</search>`, then
-    cuts the decoded text and re-tokenises it. We stop at the token that completes the tag and keep the
-    sampled ids. If that token glues the tag to following characters (e.g. `</search>\\n`) it is kept
-    whole (mask 1): its ids are what was sampled; the few characters after the tag are harmless text.
+    cuts the decoded text (`_postprocess_responses`) and re-tokenises it. We stop at the token that completes
+    the tag and keep the sampled ids, so the ids of a turn (and of the observation after a glued tag) can
+    differ from Search-R1's re-tokenisation of the same text. Search-R1 cuts at the first `</search>` even
+    when an `</answer>` came before it; we stop at the first tag of either kind (the action is the same).
  2. Final turn (turn max_turns + 1): as in Search-R1's last `do_search=False` round, a search there is not
     executed and the trajectory ends unanswered (reward 0). Nothing is appended after the final turn: no
     observation, no invalid-action message. It counts as a valid action, not as a search.
- 3. EOS without an action ends the trajectory (SPEC); Search-R1 treats it as an invalid action.
+ 3. A glued closing tag: when the token that completes the tag also writes characters after it (Qwen's
+    `>\\n\\n`), the token is kept whole (mask 1) and the observation or message that follows drops those
+    characters from its start, so the text equals Search-R1's. Where they are not a prefix of what follows,
+    they stay and the texts differ by them: `</search>.` or `</search>\\n\\n` before the invalid-action message
+    (an unopened tag), and any characters after `</answer>` or after the final turn's tag (nothing follows;
+    Search-R1 cuts them, we train them). An EOS that ends the final turn (or that the message would not fit
+    after, 7) stays in the response with mask 1; Search-R1's responses never hold one.
  4. A search with an empty query (`<search> </search>`) is a valid action, but no query is sent: the
     observation is `<information></information>` with no documents and it does not count as a search.
  5. Sampling log-probs are `log_softmax(logits / temperature)` at the sampled token, before top-k/top-p
     filtering: exactly what `response_logprobs` recomputes for training.
- 6. The invalid-action message is never truncated; `max_obs_tokens` applies to retrieved observations.
+ 6. The invalid-action message is never truncated; `max_obs_tokens` applies to retrieved observations, and a
+    truncated one keeps its closing `</information>` (Search-R1 cuts every observation at the cap, tag or not).
  7. An observation that would not leave room for one more token under `max_context` is not appended:
     the trajectory ends unanswered (the search still counts as executed).
 """
 from __future__ import annotations
 
 import copy
+import re
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -62,6 +76,7 @@ from search_env import INVALID_ACTION_MSG, format_observation, parse_action
 
 TAGS = ("</search>", "</answer>")
 OBS_TAIL = "</information>\n\n"
+_TAG_RE = re.compile("|".join(map(re.escape, TAGS)))
 _PREFILL_TOKENS = 4096  # new tokens per prefill forward (see _prefill)
 _TAIL_TOKENS = 16  # decode window for stop detection; a tag is 9 ASCII chars, so at most 9 tokens
 
@@ -331,9 +346,17 @@ class _Traj:  # mutable record while rolling out
         self.pending = ids[-1:]  # the other tokens were fed while decoding
 
     def add_observation(self, ids: list[int], cfg: RolloutConfig):
-        if self.length() + len(ids) >= cfg.max_context:  # no room left to answer after it (docstring, 7)
+        # An EOS that ended the turn leaves the context when something follows it: Search-R1 decodes the turn
+        # without special tokens and re-tokenises it. It was sampled last, so it was never fed to the model.
+        eos = self.stop == "eos"
+        if self.length() - eos + len(ids) >= cfg.max_context:  # no room left to answer after it (docstring, 7)
             self.done = True
             return
+        if eos:
+            s, e = self.spans[-1]
+            self.spans[-1] = (s, e - 1)
+            del self.response_ids[-1], self.loss_mask[-1], self.logprobs[-1]
+            self.pending = []
         self.response_ids += ids
         self.loss_mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
@@ -423,7 +446,7 @@ def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retrieve
                 budgets = budget[cand_rows].tolist()
                 stopped = []
                 for r, tail, bud in zip(cand_rows, tails, budgets):
-                    text = tokenizer.decode(tail, skip_special_tokens=False)
+                    text = tokenizer.decode(tail, skip_special_tokens=True)  # the text Search-R1 cuts at the tag
                     if any(tag in text for tag in TAGS):
                         why = "tag"
                     elif tail[-1] in eos_set:
@@ -446,9 +469,9 @@ def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retrieve
             if n_idle * 4 >= b:  # park the idle rows: from now on they cost nothing
                 flags = running.tolist()
                 run_rows = [r for r in range(b) if flags[r]]
-                # rows that may continue next turn keep their cache; EOS / full context / final turn: dropped
-                cont = [r for r in range(b) if not flags[r] and not final
-                        and trajs[piece.rows[r]].stop not in ("eos", "context")]
+                # rows that may continue next turn keep their cache (an EOS without an action is an invalid
+                # action and goes on); full context / final turn: dropped
+                cont = [r for r in range(b) if not flags[r] and not final and trajs[piece.rows[r]].stop != "context"]
                 if cont:
                     parked.append(_select(_Rows(piece.rows, _shallow_copy(piece.cache), piece.mask, piece.pos),
                                           cont, room=False))
@@ -485,24 +508,34 @@ def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retrieve
 
 
 def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: RolloutConfig, turn: int, obs_ids: dict):
-    """The protocol step after turn `turn` for rows `live`: done, or an observation appended (loss mask 0).
-    All queries of the turn go to the retriever in one call."""
+    """The protocol step after turn `turn` for rows `live`, as Search-R1's `execute_predictions`: done, or an
+    observation appended (loss mask 0). The turn is read as Search-R1 reads it, decoded without special tokens.
+    Every turn that may search makes one retriever call with all of its queries, none included, as Search-R1's
+    `batch_search` does."""
+    final = turn == cfg.max_turns + 1
     queries, asking = [], []
     for i in live:
         t = trajs[i]
-        action, content = parse_action(tokenizer.decode(t.response_ids[t.spans[-1][0]:], skip_special_tokens=False))
+        text = tokenizer.decode(t.response_ids[t.spans[-1][0]:], skip_special_tokens=True)
+        action, content = parse_action(text)
         t.valid += action is not None
         if action == "answer":
             t.done = t.answered = True
             t.answer = content
-        elif t.stop in ("eos", "context") or turn == cfg.max_turns + 1:  # the final turn executes nothing
+            continue
+        if final or t.stop == "context":  # the final turn executes nothing
             t.done = True
-        elif action == "search" and content:
+            continue
+        tag = _TAG_RE.search(text)
+        glued = text[tag.end():] if tag else ""  # what the tag-completing token wrote after the tag
+        if action == "search" and content:
             queries.append(content)
-            asking.append(i)
-        else:  # an empty query retrieves nothing; no action gets the invalid-action message
-            t.add_observation(obs_ids["empty" if action == "search" else "invalid"], cfg)
-    if not queries:
+            asking.append((i, glued))
+        else:  # an empty query retrieves nothing; no action (EOS and the turn cap included): the message
+            key, obs = ("empty", format_observation([])) if action == "search" else ("invalid", INVALID_ACTION_MSG)
+            ids = _obs_ids(tokenizer, obs, glued) if glued else obs_ids[key]
+            t.add_observation(ids, cfg)
+    if final:
         return
     try:
         hits = retriever.search(queries, cfg.topk)
@@ -511,11 +544,21 @@ def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: Rollout
     except Exception as e:
         raise RuntimeError(f"retriever failed in turn {turn} on {len(queries)} queries: {e}") from e
     tail = obs_ids["tail"]
-    for i, ids in zip(asking, tokenizer([format_observation(h) for h in hits], add_special_tokens=False)["input_ids"]):
+    for (i, glued), h in zip(asking, hits):
+        ids = _obs_ids(tokenizer, format_observation(h), glued)
         trajs[i].searches += 1
         if len(ids) > cfg.max_obs_tokens:
             ids = ids[:cfg.max_obs_tokens - len(tail)] + tail  # truncated, closing tag kept
         trajs[i].add_observation(ids, cfg)
+
+
+def _obs_ids(tokenizer, obs: str, glued: str) -> list[int]:
+    """Ids of an observation that follows a turn whose tag-completing token also wrote `glued` (e.g. Qwen's `>\n\n`):
+    the characters it already wrote are not written again, so the text equals Search-R1's, which cuts the turn at
+    the tag (`_postprocess_responses`) and then appends the whole observation. Otherwise both texts hold `glued`."""
+    if glued and obs.startswith(glued):
+        obs = obs[len(glued):]
+    return tokenizer(obs, add_special_tokens=False)["input_ids"]
 
 
 def _shallow_copy(cache):

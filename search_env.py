@@ -28,8 +28,9 @@ Where this departs from Search-R1's retrieval server (search_r1/search/retrieval
    fp16 storage changes scores in about the 3rd decimal; the e5 conventions (prefixes, mean pooling,
    L2 normalisation, max length 256) are Search-R1's.
 5. The server answers malformed requests with HTTP 400 and a JSON error (Search-R1 answers 422 or 500),
-   and `topk: 0` is an error (Search-R1 silently uses its default). Missing `topk` means the default (3),
-   missing `return_scores` means false, as in Search-R1.
+   and `topk: 0` is an error (Search-R1 silently uses its default). Missing or null `topk` means the
+   default (3), missing `return_scores` means false, and `{"queries": []}` answers `{"result": []}`, as in
+   Search-R1 (its trainer sends an empty list on every turn in which no trajectory searches).
 6. Hits from a Search-R1 BM25 server carry no `id` (it returns title/text/contents): RemoteRetriever gives
    them id "" and, for a server asked without scores, score None.
 """
@@ -108,14 +109,27 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def exact_match(pred: str | None, golds: list[str]) -> float:
+def _gold_list(golds) -> list[str]:
+    """A bare string is one gold answer, as in Search-R1's `em_check` (verl/utils/reward_score/qa_em.py); iterating
+    it would match any single character of it."""
+    if isinstance(golds, str):
+        return [golds]
+    golds = list(golds)
+    if not all(isinstance(g, str) for g in golds):
+        raise TypeError(f"gold answers must be strings, got {golds!r}")
+    return golds
+
+
+def exact_match(pred: str | None, golds: list[str] | str) -> float:
+    golds = _gold_list(golds)
     if pred is None:
         return 0.0
     p = normalize_answer(pred)
     return float(any(p == normalize_answer(g) for g in golds))
 
 
-def f1_score(pred: str | None, golds: list[str]) -> float:
+def f1_score(pred: str | None, golds: list[str] | str) -> float:
+    golds = _gold_list(golds)
     if pred is None:
         return 0.0
     p_toks = normalize_answer(pred).split()
@@ -625,6 +639,9 @@ def parse_request(body: bytes, default_topk: int = 3, max_queries: int = 10_000,
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not JSON ({e})") from None
+    except RecursionError:  # json's parser recurses once per level: thousands of '[' exhaust the stack
+        raise BadRequest('body is nested too deeply to parse: send a flat JSON object like '
+                         '{"queries": ["..."], "topk": 3, "return_scores": true}') from None
     if not isinstance(req, dict):
         raise BadRequest('body must be a JSON object like {"queries": ["..."], "topk": 3, "return_scores": true}')
     if "queries" not in req:
@@ -632,8 +649,6 @@ def parse_request(body: bytes, default_topk: int = 3, max_queries: int = 10_000,
     queries = req["queries"]
     if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
         raise BadRequest("'queries' must be a list of strings")
-    if not queries:
-        raise BadRequest("'queries' is an empty list: send at least one query")
     if len(queries) > max_queries:
         raise BadRequest(f"too many queries ({len(queries)}): this server takes at most {max_queries} per "
                          f"request", max_queries=max_queries)
@@ -706,6 +721,8 @@ def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, default_to
                                                              max_queries, max_topk)
             except BadRequest as e:
                 return self._send(400, {"error": str(e), **e.extra})
+            if not queries:  # Search-R1's trainer sends this on every turn in which no trajectory searches
+                return self._send(200, {"result": []})
             try:
                 hits = worker.submit(retriever.search, queries, topk).result()
             except Exception as e:  # a retriever failure is the server's fault, not the client's
@@ -724,6 +741,10 @@ def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, default_to
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        # The listen backlog (socketserver's default is 5): connections the kernel holds until they are
+        # accepted. Dozens of trainer ranks opening fresh connections at once would overflow 5, and the
+        # kernel drops their SYNs (a 1 s retransmit, or a reset) instead of queueing them.
+        request_queue_size = 512
 
         def server_close(self):
             super().server_close()

@@ -32,6 +32,8 @@ def _toy_cache() -> Path:
 def toy_dir() -> Path:
     import toy
 
+    if os.environ.get("SEARCH_RL_TOY"):  # development only: reuse a world built elsewhere instead of rebuilding
+        return Path(os.environ["SEARCH_RL_TOY"])
     out = _toy_cache()
     if not (out / "model" / "config.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,8 @@ class Boom:
 # --------------------------------------------------------------------------------------------- slow reference
 
 def slow_rollout(model, tokenizer, prompt: str, retriever, cfg: RolloutConfig):
-    """The protocol the plain way: one sequence, no cache, no padding, full recompute for every token."""
+    """The protocol the plain way: one sequence, no cache, no padding, full recompute for every token. Turns are
+    read as Search-R1 reads them, decoded without special tokens."""
     prompt_ids = wrap_prompt(tokenizer, prompt)
     eos = {tokenizer.eos_token_id}
     resp, mask = [], []
@@ -90,7 +91,7 @@ def slow_rollout(model, tokenizer, prompt: str, retriever, cfg: RolloutConfig):
             with torch.no_grad():
                 logits = model(torch.tensor([prompt_ids + resp + ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
-            text = tokenizer.decode(ids)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
             if any(t in text for t in TAGS):
                 why = "tag"
             elif ids[-1] in eos:
@@ -101,21 +102,27 @@ def slow_rollout(model, tokenizer, prompt: str, retriever, cfg: RolloutConfig):
                 why = "context"
         resp += ids
         mask += [1] * len(ids)
-        action, content = search_env.parse_action(tokenizer.decode(ids))
-        if action == "answer" or why in ("eos", "context") or turn == cfg.max_turns + 1:
+        action, content = search_env.parse_action(text)
+        if action == "answer" or why == "context" or turn == cfg.max_turns + 1:
             break
         if action == "search" and content:
             obs = search_env.format_observation(retriever.search([content], cfg.topk)[0])
         elif action == "search":
             obs = search_env.format_observation([])
-        else:
+        else:  # EOS or the cap without an action: the invalid-action message, and the rollout goes on
             obs = search_env.INVALID_ACTION_MSG
+        glued = text[min(text.find(t) + len(t) for t in TAGS if t in text):] if why == "tag" else ""
+        if glued and obs.startswith(glued):  # the glued token already wrote these characters
+            obs = obs[len(glued):]
         obs_ids = tokenizer(obs, add_special_tokens=False)["input_ids"]
-        if action == "search" and len(obs_ids) > cfg.max_obs_tokens:
+        if action == "search" and content and len(obs_ids) > cfg.max_obs_tokens:
             tail = tokenizer("</information>\n\n", add_special_tokens=False)["input_ids"]
             obs_ids = obs_ids[:cfg.max_obs_tokens - len(tail)] + tail
-        if len(prompt_ids) + len(resp) + len(obs_ids) >= cfg.max_context:
+        drop = why == "eos"  # an EOS followed by the message leaves the context
+        if len(prompt_ids) + len(resp) - drop + len(obs_ids) >= cfg.max_context:
             break
+        if drop:
+            resp, mask = resp[:-1], mask[:-1]
         resp += obs_ids
         mask += [0] * len(obs_ids)
     return resp, mask
@@ -248,8 +255,9 @@ def test_scripted_protocol_cases(tok):
         return tok(search_env.format_observation(FakeRetriever().search([q], 3)[0]), add_special_tokens=False)[
             "input_ids"]
 
-    # one retriever call per turn, all of the turn's queries together; the empty query is never sent
-    assert ret.calls == [["q1", "q2"]]
+    # one retriever call per turn that may search, all of the turn's queries together (none in turn 2, as
+    # Search-R1's batch_search sends), the empty query never; the final turn 3 makes no call
+    assert ret.calls == [["q1", "q2"], []]
 
     t = out["split"]
     turn1, turn2 = ids_of(tok, "<think>go</think><search> q1 </search>"), ids_of(tok, "<answer> a1 </answer>")
@@ -261,8 +269,11 @@ def test_scripted_protocol_cases(tok):
     t = out["glued"]
     turn1 = ids_of(tok, "<search> q2 ", glued)
     assert t.response_ids[:len(turn1)] == turn1  # the glued token is kept whole, the turn ends on it
-    assert t.response_ids[len(turn1):len(turn1) + len(obs_ids("q2"))] == obs_ids("q2")
-    assert t.text.startswith("<search> q2 </search>\n\n\n<information>")
+    # the glued token wrote "\n" after the tag: the observation does not write it again (Search-R1's text)
+    assert t.text.startswith("<search> q2 </search>\n\n<information>")
+    assert t.response_ids[len(turn1):len(turn1) + len(obs_ids("q2")) - 1] == \
+        tok(search_env.format_observation(FakeRetriever().search(["q2"], 3)[0])[1:], add_special_tokens=False)[
+            "input_ids"]
     assert (t.num_searches, t.answered, t.answer) == (1, True, "a2")
 
     t = out["direct"]
@@ -275,8 +286,11 @@ def test_scripted_protocol_cases(tok):
     assert (t.num_valid_actions, t.answered, t.answer) == (1, True, "a4")
 
     t = out["eos"]
-    assert t.response_ids == ids_of(tok, "<think>hm", eos) and t.loss_mask[-1] == 1  # EOS was sampled: trained
-    assert (t.answered, t.answer, len(t.turn_spans)) == (False, None, 1)
+    # EOS without an action is an invalid action (Search-R1): the EOS leaves the context, the message follows and
+    # the policy writes on; turn 2 ("NEVER", EOS) again; the final turn 3 is a lone EOS, kept (nothing follows)
+    assert t.response_ids == ids_of(tok, "<think>hm") + inv + ids_of(tok, "NEVER") + inv + [eos]
+    assert t.loss_mask[-1] == 1 and eos not in t.response_ids[:-1]
+    assert (t.answered, t.answer, t.num_valid_actions, len(t.turn_spans)) == (False, None, 0, 3)
 
     t = out["empty"]
     empty = tok(search_env.format_observation([]), add_special_tokens=False)["input_ids"]
@@ -290,7 +304,10 @@ def test_scripted_protocol_cases(tok):
         assert runs(t, 1) == t.turn_spans
         assert len(t.sample_logprobs) == len(t.response_ids) == len(t.loss_mask)
         for s, e in runs(t, 0):
-            text = tok.decode(t.response_ids[s:e])
+            turn = tok.decode(t.response_ids[next(a for a, b in t.turn_spans if b == s):s])
+            tag = max(turn.rfind(x) + len(x) if x in turn else -1 for x in TAGS)
+            # what the turn's tag-completing token wrote after the tag, then the run: one observation or message
+            text = (turn[tag:] if tag >= 0 else "") + tok.decode(t.response_ids[s:e])
             assert text == search_env.INVALID_ACTION_MSG or (
                 text.startswith("\n\n<information>") and text.endswith("</information>\n\n")), text
             assert all(lp == 0.0 for lp in t.sample_logprobs[s:e])
@@ -469,3 +486,99 @@ def test_toy_policy_searches_and_em_in_promised_range(toy_dir, bm25):
     assert 0.10 <= em <= 0.50, em
     assert sum(t.num_searches > 0 for t in trajs) >= len(trajs) // 2
     assert all(t.turn_spans and t.turn_spans[0][0] == 0 for t in trajs)
+
+
+# --------------------------------------------------------------------------------------------- Search-R1's text
+
+def test_glued_closing_tag_writes_its_newlines_once(tok):
+    """Qwen2's vocabulary has `>\\n\\n` as one token, so the token completing `</search>` also writes the blank line
+    that the observation starts with. Search-R1 cuts the decoded turn at the tag, re-tokenises and appends the whole
+    observation; our context must read the same, keeping the sampled ids."""
+    qtok = make_tokenizer(glued=(">\n\n",))
+    gl = qtok.convert_tokens_to_ids("".join(B2U[b] for b in ">\n\n".encode()))
+    assert qtok.decode([gl]) == ">\n\n"
+    scripts = {"s": ids_of(qtok, "<search> q </search", gl, "<answer> a </answer", gl),
+               "x": ids_of(qtok, "no tag </search", gl, "<answer> b </answer>")}
+    out, _ = run_scripted(qtok, scripts, RolloutConfig(max_turns=2, max_turn_tokens=40, greedy=True),
+                          FakeRetriever(doc_words=1))
+    t = out["s"]
+    assert t.text == ('<search> q </search>\n\n<information>Doc 1(Title: "T0 q") w\nDoc 2(Title: "T1 q") w\n'
+                      'Doc 3(Title: "T2 q") w</information>\n\n<answer> a </answer>\n\n')  # after </answer>: kept
+    assert t.response_ids[:len(ids_of(qtok, "<search> q </search", gl))] == ids_of(qtok, "<search> q </search", gl)
+    assert (t.num_searches, t.answer) == (1, "a")
+    # an unopened tag is an invalid action; the message starts with one "\n", not a prefix of "\n\n": the glued
+    # characters stay (a documented departure: Search-R1's text is "no tag </search>\nMy previous ...")
+    t = out["x"]
+    assert t.text == "no tag </search>\n\n" + search_env.INVALID_ACTION_MSG + "<answer> b </answer>"
+
+
+def test_eos_without_action_is_an_invalid_action_and_the_policy_goes_on(tok):
+    eos = tok.eos_token_id
+    scripts = {"p": ids_of(tok, "<think> hm </think>", eos, "<search> q </search>", "<answer> a </answer>")}
+    out, model = run_scripted(tok, scripts, RolloutConfig(max_turns=3, max_turn_tokens=40, greedy=True),
+                              FakeRetriever(doc_words=1))
+    t = out["p"]
+    msg = ("\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
+           "</search>. If I want to give the final answer, I should put the answer between <answer> and </answer>. "
+           "Let me try again.\n")
+    assert t.text == ('<think> hm </think>' + msg + '<search> q </search>\n\n<information>Doc 1(Title: "T0 q") w\n'
+                      'Doc 2(Title: "T1 q") w\nDoc 3(Title: "T2 q") w</information>\n\n<answer> a </answer>')
+    assert eos not in t.response_ids  # Search-R1 decodes without special tokens and re-tokenises: no EOS stays
+    assert (t.num_valid_actions, t.num_searches, t.answer, len(t.turn_spans)) == (2, 1, "a", 3)
+    first = ids_of(tok, "<think> hm </think>")
+    assert t.turn_spans[0] == (0, len(first)) and t.loss_mask[:len(first) + 1] == [1] * len(first) + [0]
+
+
+def test_special_token_inside_an_answer_is_not_part_of_it(tok):
+    pad = tok.pad_token_id
+    scripts = {"p": ids_of(tok, "<answer> Par", pad, "is </answer>")}
+    out, _ = run_scripted(tok, scripts, RolloutConfig(max_turns=1, max_turn_tokens=40, greedy=True))
+    t = out["p"]
+    assert pad in t.response_ids  # the sampled ids are kept as they are
+    assert t.answer == "Paris" and search_env.exact_match(t.answer, ["Paris"]) == 1.0  # as Search-R1 scores it
+
+
+class SearchR1Client:
+    """A retrieval client that sends exactly what Search-R1's generation loop sends (`_batch_search`): every turn
+    that may search, even when no trajectory searched, and reads `result` back the way it does."""
+
+    def __init__(self, url):
+        self.url, self.bodies = url, []
+
+    def search(self, queries, k):
+        import json
+        import urllib.request
+
+        body = {"queries": list(queries), "topk": 3, "return_scores": True}
+        self.bodies.append(body)
+        req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+            result = json.loads(r.read())["result"]  # Search-R1: requests.post(...).json()['result']
+        return [[{**h["document"], "score": h["score"]} for h in hits] for hits in result]
+
+
+def test_search_r1_client_on_every_turn_against_our_server(tok, bm25):
+    import threading
+
+    server = search_env.make_server(bm25, port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = SearchR1Client(f"http://127.0.0.1:{server.server_address[1]}/retrieve")
+        scripts = {"a": ids_of(tok, "<search> mentor </search>", "<think> ok </think>", tok.eos_token_id,
+                               "<answer> x </answer>"),
+                   "b": ids_of(tok, "<answer> y </answer>")}
+        cfg = RolloutConfig(max_turns=3, max_turn_tokens=40, greedy=True)
+        out, _ = run_scripted(tok, scripts, cfg, client)
+        # turn 1: a's query (b answers); turn 2: a thinks and stops without an action; turn 3: a answers. Turns 2
+        # and 3 search nothing, and Search-R1 still sends the (empty) batch
+        assert client.bodies == [{"queries": ["mentor"], "topk": 3, "return_scores": True},
+                                 {"queries": [], "topk": 3, "return_scores": True},
+                                 {"queries": [], "topk": 3, "return_scores": True}]
+        local, _ = run_scripted(tok, scripts, cfg, bm25)
+        assert [t.text for t in out.values()] == [t.text for t in local.values()]
+        assert out["a"].answer == "x" and out["a"].num_searches == 1
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -76,6 +76,11 @@ def test_normalize_em_f1_hand_computed():
     # repeated tokens count once each: pred "a a b" -> "b" (article gone); gold "b b" -> p = 1, r = 1/2
     assert se.f1_score("a a b", ["b b"]) == pytest.approx(2 / 3)
     assert se.f1_score("x", ["y"]) == 0.0 and se.f1_score(None, ["y"]) == 0.0
+    # a bare string is one gold answer (as Search-R1's em_check takes it), never a list of its characters
+    assert se.exact_match("p", "Paris") == 0.0 and se.exact_match("paris", "Paris") == 1.0
+    assert se.f1_score("s", "Paris") == 0.0
+    with pytest.raises(TypeError, match="gold answers must be strings"):
+        se.exact_match("1", [1])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -441,6 +446,11 @@ def test_server_search_r1_shapes(served):
     assert code == 200 and resp["result"] == [[{"id": e["id"], "contents": e["contents"]} for e in x[:2]] for x in expect]
     code, resp = post(url, {"queries": queries[:1]})  # topk missing -> the server default, 3; no scores
     assert code == 200 and len(resp["result"][0]) == 3 and set(resp["result"][0][0]) == {"id", "contents"}
+    # Search-R1's trainer sends an empty batch on every turn in which no trajectory searches; null topk = default
+    code, resp = post(url, {"queries": [], "topk": 3, "return_scores": True})
+    assert (code, resp) == (200, {"result": []})
+    code, resp = post(url, {"queries": queries[:1], "topk": None})
+    assert code == 200 and len(resp["result"][0]) == 3
     code, resp = post(url, {"queries": HOSTILE[:5], "topk": 2})  # model output never gets a 500
     assert code == 200 and len(resp["result"]) == 5
 
@@ -452,7 +462,6 @@ def test_server_search_r1_shapes(served):
     (b'{"topk": 3}', "'queries' is missing"),
     (b'{"queries": "one string"}', "list of strings"),
     (b'{"queries": ["a", 5]}', "list of strings"),
-    (b'{"queries": []}', "empty list"),
     (b'{"queries": ["a"], "topk": 0}', "positive integer"),
     (b'{"queries": ["a"], "topk": -2}', "positive integer"),
     (b'{"queries": ["a"], "topk": 2.5}', "positive integer"),
@@ -469,6 +478,54 @@ def test_server_bad_requests_get_400_and_server_lives(served, body, message):
     assert code == 400 and message in resp["error"]
     code, resp = post(url, {"queries": ["anything"], "topk": 1})
     assert code == 200 and len(resp["result"]) == 1
+
+
+def test_server_deeply_nested_body_gets_400():
+    # json's parser recurses once per level: without the guard the handler dies and the client gets no answer
+    server = se.make_server(FixedRetriever(), port=0, quiet=True)
+    url = start(server)
+    try:
+        code, resp = post(url, b"[" * 100_000 + b"]" * 100_000, raw=True)
+        assert code == 400 and "nested too deeply" in resp["error"]
+        assert post(url, {"queries": ["a"]})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class FixedRetriever:
+    def search(self, queries, k):
+        return [[{"id": "d", "contents": '"T"\nx', "score": 1.0}] * k for _ in queries]
+
+
+def test_server_holds_dozens_of_fresh_connections_at_once():
+    """40 clients (a trainer rank per GPU, several nodes) each open a fresh connection before the server gets to
+    accept any: the kernel must queue them all. With socketserver's default listen backlog of 5 it queues 6 and
+    drops the 7th client's SYNs (its connect times out; under load that is the 1 s stall or the reset)."""
+    server = se.make_server(FixedRetriever(), port=0, quiet=True)  # listening, not yet accepting
+    socks, served_at = [], None
+    try:
+        for _ in range(40):
+            socks.append(socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=2))
+        served_at = start(server)
+        body = json.dumps({"queries": ["q"], "topk": 1}).encode()
+        for s in socks:
+            s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answers = []
+        for s in socks:
+            s.settimeout(30)
+            data = b""
+            while chunk := s.recv(1 << 16):
+                data += chunk
+            answers.append((data.split(b"\r\n", 1)[0], json.loads(data.split(b"\r\n\r\n", 1)[1])))
+        assert answers == [(b"HTTP/1.1 200 OK", {"result": [[{"id": "d", "contents": '"T"\nx'}]]})] * 40
+    finally:
+        for s in socks:
+            s.close()
+        if served_at:  # shutdown() waits for serve_forever, which a failed connect never reached
+            server.shutdown()
+        server.server_close()
 
 
 def test_server_wrong_path_and_health(served):
