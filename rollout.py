@@ -533,7 +533,7 @@ def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: Rollout
             asking.append((i, glued))
         else:  # an empty query retrieves nothing; no action (EOS and the turn cap included): the message
             key, obs = ("empty", format_observation([])) if action == "search" else ("invalid", INVALID_ACTION_MSG)
-            ids = _obs_ids(tokenizer, obs, glued) if glued else obs_ids[key]
+            ids = tokenizer(_unglued(obs, glued), add_special_tokens=False)["input_ids"] if glued else obs_ids[key]
             t.add_observation(ids, cfg)
     if final:
         return
@@ -544,21 +544,20 @@ def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: Rollout
     except Exception as e:
         raise RuntimeError(f"retriever failed in turn {turn} on {len(queries)} queries: {e}") from e
     tail = obs_ids["tail"]
-    for (i, glued), h in zip(asking, hits):
-        ids = _obs_ids(tokenizer, format_observation(h), glued)
+    texts = [_unglued(format_observation(h), glued) for (_, glued), h in zip(asking, hits)]
+    for (i, _), ids in zip(asking, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
         trajs[i].searches += 1
         if len(ids) > cfg.max_obs_tokens:
             ids = ids[:cfg.max_obs_tokens - len(tail)] + tail  # truncated, closing tag kept
         trajs[i].add_observation(ids, cfg)
 
 
-def _obs_ids(tokenizer, obs: str, glued: str) -> list[int]:
-    """Ids of an observation that follows a turn whose tag-completing token also wrote `glued` (e.g. Qwen's `>\n\n`):
-    the characters it already wrote are not written again, so the text equals Search-R1's, which cuts the turn at
-    the tag (`_postprocess_responses`) and then appends the whole observation. Otherwise both texts hold `glued`."""
-    if glued and obs.startswith(glued):
-        obs = obs[len(glued):]
-    return tokenizer(obs, add_special_tokens=False)["input_ids"]
+def _unglued(obs: str, glued: str) -> str:
+    """An observation that follows a turn whose tag-completing token also wrote `glued` (e.g. Qwen's `>\\n\\n`): the
+    characters that token already wrote are not written again, so the text equals Search-R1's, which cuts the turn
+    at the tag (`_postprocess_responses`) and then appends the whole observation. Otherwise both texts hold
+    `glued` (docstring, 3)."""
+    return obs[len(glued):] if glued and obs.startswith(glued) else obs
 
 
 def _shallow_copy(cache):
