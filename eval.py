@@ -3,6 +3,7 @@
     python eval.py --model CKPT --data test.parquet --index wiki-bm25/ --out runs/eval1
     python eval.py --model CKPT --index wiki-bm25/ --question "who wrote the iliad"
     python eval.py --compare runs/a/results.json runs/b/results.json
+    python eval.py --plot runs/cmp.png runs/grpo runs/llds    # training curves side by side + table (plot.py)
 
 Every question is rolled out greedily by rollout.py (the code that trains), and the answer (the model's
 <answer> action) is scored with SQuAD-normalised exact match and token F1, max over the golds
@@ -40,14 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import search_env
+from utils import UserError, cli, write_atomic
 
 PAPER_SOURCES = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 SPLIT_NAMES = {"train", "dev", "test", "val", "valid", "validation"}
 DATA_SUFFIXES = (".parquet", ".jsonl")
 
 
-class BadInput(ValueError):
-    """An input the user must fix. The CLI prints it as one line, `error: ...`, with no traceback."""
+class BadInput(UserError, ValueError):
+    """An input the user must fix (utils.cli prints it as one line and exits 2)."""
 
 
 @dataclass
@@ -62,29 +64,51 @@ class QAExample:
 # ---------------------------------------------------------------------------------------------------------
 # Data
 
-def _data_files(paths) -> list[Path]:
+def _data_files(paths, flag: str) -> list[Path]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
             if not found:
-                raise BadInput(f"--data {p} is a directory with no .parquet or .jsonl file in it")
+                raise BadInput(f"{flag} {p} is a directory with no .parquet or .jsonl file in it")
             files += found
         elif not p.exists():
-            raise BadInput(f"--data {p} does not exist")
+            raise BadInput(f"{flag} {p} does not exist")
         elif p.suffix not in DATA_SUFFIXES:
-            raise BadInput(f"--data {p} is neither Search-R1 .parquet nor FlashRAG .jsonl")
+            raise BadInput(f"{flag} {p} is neither Search-R1 .parquet nor FlashRAG .jsonl")
         else:
             files.append(p)
     return files
 
 
+def _text(value, where: str, what: str) -> str:
+    """`value` if it is a non-empty string that UTF-8 can encode; a null, a number or a list is refused, not
+    turned into the string 'None' or '[...]'."""
+    if not isinstance(value, str):
+        raise BadInput(f"{where}: {what} must be a string, got {type(value).__name__} {str(value)[:80]!r}; fix "
+                       "or drop that row")
+    if not value.strip():
+        raise BadInput(f"{where}: {what} is empty; fix or drop that row")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. JSON "\ud800": no tokenizer can encode it
+        raise BadInput(f"{where}: {what} holds a lone surrogate (not Unicode text); fix that row") from None
+    return value
+
+
 def _golds(value, where: str) -> list[str]:
+    """A list of answer strings (a bare string is one answer). Empty strings are dropped (departure 4)."""
+    if isinstance(value, str):
+        value = [value]
     if not isinstance(value, (list, tuple)):
-        value = [] if value is None else [value]
-    golds = [str(g) for g in value if g is not None and str(g).strip()]
+        raise BadInput(f"{where} must be a list of answer strings, got {type(value).__name__}; fix that row")
+    for g in value:
+        if not isinstance(g, str):
+            raise BadInput(f"{where} holds a {type(g).__name__} {str(g)[:80]!r} where an answer string belongs; "
+                           "fix that row")
+    golds = [g for g in value if g.strip()]
     if not golds:
-        raise BadInput(f"{where} has an empty gold answer list: fix or drop that row")
+        raise BadInput(f"{where} has an empty gold answer list; fix or drop that row")
     return golds
 
 
@@ -96,6 +120,16 @@ def _struct_has(t, path) -> bool:
             return False
         t = t.field(name).type
     return True
+
+
+def _prompt_text(prompt, where: str) -> str | None:
+    """A Search-R1 prompt is a list of chat messages; the first one's content is the prompt text."""
+    if prompt is None:
+        return None
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[0], dict) or "content" not in prompt[0]:
+        raise BadInput(f"{where}: prompt must be a list of chat messages [{{'role': 'user', 'content': ...}}], got "
+                       f"{str(prompt)[:80]!r}; write it as Search-R1's data scripts do")
+    return _text(prompt[0]["content"], where, "prompt[0].content")
 
 
 def _load_parquet(f: Path) -> list[QAExample]:
@@ -118,19 +152,17 @@ def _load_parquet(f: Path) -> list[QAExample]:
         where = f"{f} row {i}"
         golds = _golds(((r["reward_model"] or {}).get("ground_truth") or {}).get("target"),
                        f"{where} (reward_model.ground_truth.target)")
-        source = r["data_source"]
-        if not source:
-            raise BadInput(f"{where} has an empty data_source")
-        prompt = r["prompt"][0]["content"] if r.get("prompt") else None
+        source = _text(r["data_source"], where, "data_source")
+        prompt = _prompt_text(r.get("prompt"), where)
         question = r.get("question")
-        if not question and prompt and "Question: " in prompt:
+        if question is None and prompt and "Question: " in prompt:
             question = prompt.rsplit("Question: ", 1)[1].strip()
-        if not question:
+        if question is None:
             raise BadInput(f"{where} has no question: no 'question' column and no 'Question: ' in its prompt")
+        question = _text(question, where, "question")
         index = (r.get("extra_info") or {}).get("index")
         qid = r.get("id") or f"{source}_{i if index is None else index}"
-        out.append(QAExample(str(qid), str(question), prompt or search_env.make_prompt(question), golds,
-                             str(source)))
+        out.append(QAExample(str(qid), question, prompt or search_env.make_prompt(question), golds, source))
     return out
 
 
@@ -139,12 +171,16 @@ def _source_of(f: Path) -> str:
 
 
 def _load_jsonl(f: Path) -> list[QAExample]:
-    out, source = [], _source_of(f)
-    with open(f, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    out, source, seen = [], _source_of(f), {}
+    with open(f, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            where = f"{f} line {n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{where} is not UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{f} line {n}"
             try:
                 r = json.loads(line)
             except ValueError as e:
@@ -153,25 +189,33 @@ def _load_jsonl(f: Path) -> list[QAExample]:
                 if not isinstance(r, dict) or col not in r:
                     raise BadInput(f"{where} has no field '{col}' (a FlashRAG JSONL row needs id, question, "
                                    "golden_answers)")
-            question = str(r["question"]).strip()
-            if not question:
-                raise BadInput(f"{where} has an empty question")
+            question = _text(r["question"], where, "question").strip()
             golds = _golds(r["golden_answers"], f"{where} (golden_answers)")
-            src = str(r.get("data_source") or source)
-            out.append(QAExample(str(r.get("id", f"{src}_{len(out)}")), question,
-                                 search_env.make_prompt(question), golds, src))
+            src = _text(r["data_source"], where, "data_source") if r.get("data_source") is not None else source
+            if "id" in r:
+                if not isinstance(r["id"], (str, int)) or isinstance(r["id"], bool):
+                    raise BadInput(f"{where}: id must be a string or an integer, got {r['id']!r}; fix that row")
+                qid = str(r["id"])
+                if qid in seen:
+                    raise BadInput(f"{where}: id {qid!r} is also the id of line {seen[qid]}; give each row its "
+                                   "own id")
+                seen[qid] = n
+            else:
+                qid = f"{src}_{len(out)}"
+            out.append(QAExample(qid, question, search_env.make_prompt(question), golds, src))
     return out
 
 
-def load_qa(paths) -> list[QAExample]:
-    """Questions from Search-R1 parquet / FlashRAG JSONL files or directories of them, in file order."""
+def load_qa(paths, flag: str = "--data") -> list[QAExample]:
+    """Questions from Search-R1 parquet / FlashRAG JSONL files or directories of them, in file order. `flag`
+    names the input in error messages."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     examples = []
-    for f in _data_files(paths):
+    for f in _data_files(paths, flag):
         examples += _load_parquet(f) if f.suffix == ".parquet" else _load_jsonl(f)
     if not examples:
-        raise BadInput(f"--data {' '.join(map(str, paths))} holds no questions")
+        raise BadInput(f"{flag} {' '.join(map(str, paths))} holds no questions")
     return examples
 
 
@@ -343,15 +387,87 @@ def format_trajectory(question: str, traj, tokenizer) -> str:
 # CLI: validate every input (cheap checks first), then load the model
 
 def check_model_dir(path: str) -> None:
+    """The files a model directory needs (config.json, a tokenizer, weights) are there; check_model_files reads
+    them."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise BadInput(f"--model {path} is not a Hugging Face model directory (no config.json): pass a local "
+        raise BadInput(f"--model {path} is not a Hugging Face model directory (no config.json); pass a local "
                        "folder written by save_pretrained (our checkpoint, Qwen2.5, a released LLDS/Search-R1 model)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise BadInput(f"--model {path} has no tokenizer (tokenizer.json / tokenizer_config.json): copy the base "
+        raise BadInput(f"--model {path} has no tokenizer (tokenizer.json / tokenizer_config.json); copy the base "
                        "model's tokenizer files into it")
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise BadInput(f"--model {path} has no weights (*.safetensors or *.bin)")
+
+
+def check_index_path(index: str | None) -> None:
+    """open_retriever's refusals that need no JVM: the directory is missing or holds no index."""
+    if index is None or str(index).startswith(("http://", "https://")):
+        return
+    d = Path(index)
+    if not d.is_dir() or not (any(d.glob("segments_*")) or (d / "meta.json").is_file()):
+        open_retriever(index, None)  # load_retriever refuses these before it starts anything
+
+
+def check_model_files(path: str) -> None:
+    """What can be known of a model directory without loading it: a config naming a causal LM, and weight
+    files whose safetensors headers are whole (a truncated copy fails here, not after a minute of loading)."""
+    p = Path(path)
+    try:
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"--model {path}/config.json is not JSON ({e}); copy it again from the model") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise BadInput(f"--model {path}/config.json has no model_type; copy it again from the model")
+    archs = config.get("architectures") or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise BadInput(f"--model {path} is a {', '.join(archs)}, not a causal language model; pass a decoder "
+                       "that generates text (e.g. Qwen2ForCausalLM)")
+    shards = sorted(p.glob("*.safetensors"))
+    from safetensors import safe_open
+
+    for f in shards:
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:  # SafetensorError: a truncated or corrupt file
+            raise BadInput(f"--model {f} is not a whole safetensors file ({str(e).strip().splitlines()[0]}); "
+                           "copy it again") from None
+
+
+def load_tokenizer(path: str, padding_side: str | None = "left"):
+    from transformers import AutoTokenizer
+
+    try:
+        kw = {"padding_side": padding_side} if padding_side else {}
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as e:  # OSError, ValueError, and tokenizers' own Exception for a corrupt tokenizer.json
+        raise BadInput(f"--model {path}: its tokenizer could not be loaded ({str(e).strip().splitlines()[0]}); "
+                       "copy the base model's tokenizer files into it") from None
+
+
+def load_causal_lm(path: str, dtype, tokenizer):
+    """from_pretrained, refusing what would otherwise run on silently wrong weights: tensors missing or of the
+    wrong shape (transformers initialises those at random), or a vocabulary smaller than the tokenizer's."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except Exception as e:  # OSError, ValueError, KeyError, RuntimeError (size mismatch), SafetensorError
+        if "mismatch" in str(e):  # transformers' message points at a report it logged above
+            raise BadInput(f"--model {path}: weight tensors are of the wrong shape for its config.json (the weights "
+                           "belong to another model); copy the matching files") from None
+        raise BadInput(f"--model {path} could not be loaded as a causal LM ({str(e).strip().splitlines()[0]}); "
+                       "pass a folder written by save_pretrained") from None
+    bad = sorted(info["missing_keys"]) + sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])
+    if bad:
+        raise BadInput(f"--model {path}: {len(bad)} weight tensors are missing or of the wrong shape for its "
+                       f"config (e.g. {bad[0]}); the weights belong to another model: copy the matching files")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise BadInput(f"--model {path}: its tokenizer has {len(tokenizer)} tokens but the model only {rows} "
+                       "embeddings; use the tokenizer the model was trained with")
+    return model
 
 
 def open_retriever(index: str | None, url: str | None):
@@ -373,22 +489,21 @@ def open_retriever(index: str | None, url: str | None):
 
 def load_model(path: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 on CPU is ~100x slower
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise BadInput(f"--model {path} could not be loaded: {str(e).strip().splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer
+    tokenizer = load_tokenizer(path)
+    return load_causal_lm(path, dtype, tokenizer).to(device).eval(), tokenizer
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_outputs(out: Path, records: list[dict], res: dict) -> None:
+    """trajectories.jsonl, then results.json naming it (with its row count). The old results.json goes first:
+    at every instant a results.json present describes the trajectories.jsonl beside it, and a kill mid-way
+    leaves trajectories without a summary (an unfinished eval), never a summary of other trajectories."""
+    (out / "results.json").unlink(missing_ok=True)
+    write_atomic(out / "trajectories.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    res["trajectories"] = {"file": "trajectories.jsonl", "rows": len(records)}
+    write_atomic(out / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
 
 
 def parse_args(argv=None):
@@ -400,6 +515,8 @@ def parse_args(argv=None):
     p.add_argument("--index", help="retrieval index directory (BM25 or dense)")
     p.add_argument("--retriever_url", help="retrieval server endpoint, e.g. http://127.0.0.1:8000/retrieve")
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="print these runs' tables side by side")
+    p.add_argument("--plot", nargs="+", metavar="PATH", help="OUT.png RUN_DIR [RUN_DIR ...]: draw these training "
+                   "runs' reward and LLD curves side by side into OUT.png and print their ablation table (plot.py)")
     p.add_argument("--max_turns", type=int, default=4, help="turns that may search, then one final turn (default 4)")
     p.add_argument("--topk", type=int, default=3, help="passages per search (default 3)")
     p.add_argument("--batch_size", type=int, default=64, help="questions rolled out together (default 64)")
@@ -409,6 +526,13 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict | None:
+    if args.plot:
+        if args.model or args.data or args.question or args.compare:
+            raise BadInput("--plot takes only OUT.png and run directories (no --model/--data/--question/--compare)")
+        import plot  # matplotlib is loaded only for pictures
+
+        plot.main(args.plot)
+        return None
     if args.compare:
         if args.model or args.data or args.question:
             raise BadInput("--compare takes only results.json files (no --model/--data/--question)")
@@ -427,24 +551,35 @@ def run(args) -> dict | None:
                              ("--batch_size", args.batch_size, 1), ("--limit", args.limit, 1)):
         if value is not None and value < low:
             raise BadInput(f"{flag} must be at least {low}, got {value}")
-    if args.question is not None and not args.question.strip():
-        raise BadInput("--question is empty")
+    if args.question is not None:
+        _text(args.question, "--question", "the question")
 
     examples = spread(load_qa(args.data), args.limit) if args.data else None
     check_model_dir(args.model)
-    retriever = open_retriever(args.index, args.retriever_url)
+    # a server answers a probe in milliseconds; a local index is opened (the JVM started) after the other checks
+    retriever = open_retriever(None, args.retriever_url) if args.retriever_url else check_index_path(args.index)
+    check_model_files(args.model)
     out = None
     if examples is not None:
         out = Path(args.out or Path("runs") / "eval" / Path(args.model).resolve().name)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"--out {out} cannot be created ({e.strerror})") from None
-    model, tokenizer = load_model(args.model)
-
+        # checked now, created only once there is something to write (a refused run leaves no empty folder)
+        have = next(p for p in [out, *out.absolute().parents] if p.exists())
+        if not have.is_dir() or not os.access(have, os.W_OK | os.X_OK):
+            raise BadInput(f"--out {out} cannot be created: {have} is not a writable folder; pick another --out")
     import rollout
 
     cfg = rollout.RolloutConfig(max_turns=args.max_turns, topk=args.topk, greedy=True)
+    tokenizer = load_tokenizer(args.model)
+    prompts = [search_env.make_prompt(args.question)] if args.question is not None else [e.prompt for e in examples]
+    longest = max(dict.fromkeys(prompts), key=len)  # by characters: tokenising every prompt would cost minutes
+    n = len(rollout.wrap_prompt(tokenizer, longest))
+    if n >= cfg.max_context:
+        what = "--question" if args.question is not None else f"--data question {examples[prompts.index(longest)].id}"
+        raise BadInput(f"{what} is {n} tokens as a prompt, beyond the model's context of {cfg.max_context} tokens; "
+                       "shorten it")
+    retriever = retriever or open_retriever(args.index, None)
+    model, tokenizer = load_model(args.model)
+
     if args.question is not None:
         prompt = search_env.make_prompt(args.question)
         [traj] = rollout.rollout(model, tokenizer, [prompt], [0], retriever, cfg)
@@ -456,19 +591,19 @@ def run(args) -> dict | None:
     res["config"] = {"model": str(Path(args.model).resolve()), "data": [str(d) for d in args.data],
                      "index": args.index, "retriever_url": args.retriever_url, "max_turns": args.max_turns,
                      "topk": args.topk, "batch_size": args.batch_size, "limit": args.limit}
-    _write_atomic(out / "trajectories.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_atomic(out / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"--out {out} cannot be created ({e.strerror}); pick another --out") from None
+    write_outputs(out, records, res)
     print(format_table(res))
     print(f"\nsaved {out / 'results.json'} and {out / 'trajectories.jsonl'}")
     return res
 
 
 def main(argv=None):
-    try:
-        return run(parse_args(argv))
-    except BadInput as e:
-        raise SystemExit(f"error: {e}") from None
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

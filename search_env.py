@@ -34,6 +34,8 @@ Where this departs from Search-R1's retrieval server (search_r1/search/retrieval
 6. Hits from a Search-R1 BM25 server carry no `id` (it returns title/text/contents): RemoteRetriever gives
    them id "" and, for a server asked without scores, score None.
 """
+import array
+import hashlib
 import json
 import os
 import re
@@ -42,6 +44,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from utils import UserError, cli, publish_dir, write_atomic
 
 PROMPT_TEMPLATE = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
@@ -177,12 +181,69 @@ def line_offsets(corpus_path, progress: bool = False):
     return np.array(starts + [pos], dtype=np.int64)
 
 
+class CorpusError(UserError, ValueError):
+    """A corpus line that cannot be a passage (a ValueError too, for callers that catch those)."""
+
+
 def _parse_passage(line, where: str) -> dict:
+    """{"id", "contents"} of one corpus line: id a string or an integer, contents a string. Anything else (a null,
+    a number or a list as contents) is refused, not indexed as its str()."""
     try:
-        row = json.loads(line)
-        return {"id": str(row["id"]), "contents": row["contents"]}
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{where}: not a JSON object with 'id' and 'contents' (SPEC 2): {line[:200]!r}") from None
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{where} is not UTF-8 (byte {e.start}); re-encode the corpus as UTF-8") from None
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        raise CorpusError(f"{where} is not JSON ({e}); each line must be one {{\"id\", \"contents\"}} object") from None
+    if not isinstance(row, dict) or "id" not in row or "contents" not in row:
+        raise CorpusError(f"{where}: not a JSON object with 'id' and 'contents': {text.strip()[:200]!r}; fix that line")
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+        raise CorpusError(f"{where}: id must be a string or an integer, got {row['id']!r}; fix that line")
+    if not isinstance(row["contents"], str):
+        raise CorpusError(f"{where}: contents must be a string, got {type(row['contents']).__name__} "
+                          f"{str(row['contents'])[:80]!r}; fix that line")
+    return {"id": str(row["id"]), "contents": row["contents"]}
+
+
+def scan_corpus(corpus_path, progress: bool = False) -> int:
+    """Check every line of a corpus before anything is built: one passage per non-blank line (_parse_passage),
+    and no id twice (dense ids follow line order, so a repeated id is two passages with one name). Returns
+    the number of passages. Ids are kept as 8-byte hashes (a 21M-passage corpus: 340 MB, not gigabytes of
+    strings); two equal hashes are confirmed by reading both lines again."""
+    import numpy as np
+    from tqdm import tqdm
+
+    path = Path(corpus_path)
+    hashes, lines = array.array("Q"), array.array("q")
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="checking corpus",
+                                     disable=not progress, delay=1) as bar:  # delay: no bar for a small file
+        for lineno, line in enumerate(f, 1):
+            bar.update(len(line))
+            if not line.strip():
+                continue
+            pid = _parse_passage(line, f"{path} line {lineno}")["id"]
+            hashes.append(int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little"))
+            lines.append(lineno)
+    if not hashes:
+        raise CorpusError(f"corpus {path} has no passages; give a JSONL file with one {{\"id\", \"contents\"}} "
+                          "per line")
+    h = np.frombuffer(hashes, dtype=np.uint64)
+    order = np.argsort(h, kind="stable")
+    same = np.nonzero(h[order][1:] == h[order][:-1])[0]
+    if len(same):
+        pairs = [(lines[int(order[i])], lines[int(order[i + 1])]) for i in same]
+        wanted = {n for p in pairs for n in p}
+        ids = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if lineno in wanted:
+                    ids[lineno] = _parse_passage(line, f"{path} line {lineno}")["id"]
+        for a, b in sorted(pairs, key=lambda p: p[1]):
+            if ids[a] == ids[b]:  # else two ids whose hashes collide
+                raise CorpusError(f"{path} line {b}: id {ids[b]!r} is also the id of line {a}; give each "
+                                  "passage its own id")
+    return len(hashes)
 
 
 class _Corpus:
@@ -198,21 +259,6 @@ class _Corpus:
     def get(self, i: int) -> dict:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return _parse_passage(os.pread(self.fd, end - start, start), f"{self.path} passage {i}")
-
-
-def _atomic_save(path, array) -> None:
-    import numpy as np
-
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,8 +305,9 @@ def _check_new_dir(out_dir: Path) -> None:
 def build_bm25_index(corpus_path, out_dir, threads: int = 2, batch_size: int = 10_000,
                      progress: bool = True) -> None:
     """Lucene index of a JSONL corpus ({"id", "contents"}) storing each passage's contents, Pyserini's defaults
-    (DefaultEnglishAnalyzer, Porter stemming, stopwords removed). Written to a temporary directory and moved
-    into place at the end, so an interrupted build leaves no half index."""
+    (DefaultEnglishAnalyzer, Porter stemming, stopwords removed). The corpus is checked first (scan_corpus),
+    before the JVM starts; the index is written to a temporary sibling, removed if anything fails, and moved
+    into place at the end, so a refused or interrupted build leaves no half index."""
     import shutil
 
     from tqdm import tqdm
@@ -269,34 +316,35 @@ def build_bm25_index(corpus_path, out_dir, threads: int = 2, batch_size: int = 1
     if not corpus_path.is_file():
         raise FileNotFoundError(f"corpus {corpus_path} not found: pass --corpus path/to/corpus.jsonl")
     _check_new_dir(out_dir)
+    scan_corpus(corpus_path, progress)
     start_jvm()
     from jnius import autoclass
 
     tmp_out = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
-    indexer = autoclass("io.anserini.index.SimpleIndexer")(
-        ["-index", str(tmp_out), "-input", "", "-collection", "JsonCollection", "-threads", str(threads),
-         "-storeContents"])
     t0, n, batch = time.time(), 0, []
-    with open(corpus_path, "rb") as f, tqdm(total=corpus_path.stat().st_size, unit="B", unit_scale=True,
-                                           desc="indexing (bm25)", disable=not progress) as bar:
-        for lineno, line in enumerate(f, 1):
-            bar.update(len(line))
-            if not line.strip():
-                continue
-            _parse_passage(line, f"{corpus_path} line {lineno}")  # a clear error instead of a Java one
-            batch.append(line.decode("utf-8"))
-            if len(batch) == batch_size:
+    try:
+        indexer = autoclass("io.anserini.index.SimpleIndexer")(
+            ["-index", str(tmp_out), "-input", "", "-collection", "JsonCollection", "-threads", str(threads),
+             "-storeContents"])
+        with open(corpus_path, "rb") as f, tqdm(total=corpus_path.stat().st_size, unit="B", unit_scale=True,
+                                               desc="indexing (bm25)", disable=not progress) as bar:
+            for line in f:
+                bar.update(len(line))
+                if not line.strip():
+                    continue
+                batch.append(line.decode("utf-8"))  # scan_corpus has checked every line
+                if len(batch) == batch_size:
+                    indexer.addRawDocuments(batch)
+                    n, batch = n + len(batch), []
+            if batch:
                 indexer.addRawDocuments(batch)
-                n, batch = n + len(batch), []
-        if batch:
-            indexer.addRawDocuments(batch)
-            n += len(batch)
-    indexer.close()
-    if n == 0:
+                n += len(batch)
+        indexer.close()
+        publish_dir(tmp_out, out_dir)
+    except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
-        raise ValueError(f"corpus {corpus_path} has no passages")
-    os.replace(tmp_out, out_dir)
+        raise
     dt = time.time() - t0
     if progress:
         print(f"bm25 index: {n:,} passages in {dt:.1f} s ({n / dt:,.0f} passages/s) -> {out_dir}")
@@ -452,7 +500,6 @@ def build_dense_index(corpus_path, out_dir, encoder, max_length: int = 256, batc
     corpus_path, out = Path(corpus_path).resolve(), Path(out_dir)
     if not corpus_path.is_file():
         raise FileNotFoundError(f"corpus {corpus_path} not found: pass --corpus path/to/corpus.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"kind": "dense", "encoder": str(Path(encoder).resolve()), "max_length": max_length,
                 "shard_size": shard_size, "corpus": str(corpus_path), "corpus_bytes": corpus_path.stat().st_size,
                 "pooling": "mean", "query_prefix": query_prefix, "passage_prefix": passage_prefix}
@@ -463,16 +510,17 @@ def build_dense_index(corpus_path, out_dir, encoder, max_length: int = 256, batc
         if diff:
             raise ValueError(f"{out} holds a dense index built with other settings ({', '.join(diff)}): "
                              f"delete it or choose another --out")
-    elif any(out.iterdir()):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} is not empty and holds no dense index: delete it or choose another --out")
     if not (out / "offsets.npy").exists():
-        _atomic_save(out / "offsets.npy", line_offsets(corpus_path, progress))
+        scan_corpus(corpus_path, progress)  # before --out or the encoder; a resumed build checked it the first time
+        out.mkdir(parents=True, exist_ok=True)
+        offsets = line_offsets(corpus_path, progress)
+        write_atomic(out / "offsets.npy", lambda f: np.save(f, offsets))
     offsets = np.load(out / "offsets.npy", mmap_mode="r")
     n = len(offsets) - 1
-    if n == 0:
-        raise ValueError(f"corpus {corpus_path} has no passages")
     enc = Encoder(encoder, max_length, device)
-    _atomic_json(meta_path, {**settings, "dim": enc.dim, "num_passages": n, "dtype": "float16"})
+    write_atomic(meta_path, json.dumps({**settings, "dim": enc.dim, "num_passages": n, "dtype": "float16"}, indent=1))
 
     num_shards = -(-n // shard_size)
     todo = [s for s in range(num_shards) if not (out / f"shard_{s:05d}.npy").exists()]
@@ -493,7 +541,7 @@ def build_dense_index(corpus_path, out_dir, encoder, max_length: int = 256, batc
             for c in range(0, len(texts), step):
                 emb[c:c + step] = enc.encode(texts[c:c + step], passage_prefix, batch_size).half().cpu().numpy()
                 bar.update(len(texts[c:c + step]))
-            _atomic_save(out / f"shard_{s:05d}.npy", emb)
+            write_atomic(out / f"shard_{s:05d}.npy", lambda f: np.save(f, emb))
     new, dt = n - done, time.time() - t0
     if progress:
         print(f"dense index: {n:,} passages ({new:,} encoded now) in {dt:.1f} s "
@@ -852,6 +900,28 @@ def load_retriever(index: str | None = None, url: str | None = None, **kw):
 
 # ---------------------------------------------------------------------------------------------------------
 
+def check_index_args(a) -> None:
+    """The `index` command's flags and paths, checked before the corpus is read or the JVM starts."""
+    corpus, out = Path(a.corpus), Path(a.out)
+    if not corpus.is_file():
+        raise UserError(f"--corpus {corpus} is not a file; give the JSONL corpus, one {{\"id\", \"contents\"}} "
+                        "per line")
+    for flag, value in (("--threads", a.threads), ("--max-length", a.max_length), ("--batch-size", a.batch_size),
+                        ("--shard-size", a.shard_size)):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a new folder path")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: its parent {out.parent} is not an existing folder; create it first")
+    resumable = a.retriever == "dense" and (out / "meta.json").is_file()  # a dense build continues its shards
+    if out.is_dir() and any(out.iterdir()) and not resumable:
+        raise UserError(f"--out {out} is not empty; delete it or choose another --out")
+    if a.retriever == "dense" and (a.encoder is None or not (Path(a.encoder) / "config.json").is_file()):
+        raise UserError(f"--encoder {a.encoder}: --retriever dense needs a local Hugging Face encoder directory "
+                        "(with config.json), e.g. e5-base-v2")
+
+
 def main(argv=None) -> None:
     import argparse
 
@@ -884,18 +954,26 @@ def main(argv=None) -> None:
     sv.add_argument("--faiss", action="store_true", help="dense: search with a faiss IndexFlatIP")
     a = p.parse_args(argv)
     if a.cmd == "index":
+        check_index_args(a)
         if a.retriever == "bm25":
             build_bm25_index(a.corpus, a.out, threads=a.threads)
-        elif a.encoder is None:
-            p.error("--retriever dense needs --encoder PATH (a local Hugging Face encoder directory)")
         else:
             build_dense_index(a.corpus, a.out, a.encoder, a.max_length, a.batch_size, a.shard_size, a.device,
                               a.query_prefix, a.passage_prefix)
         return
-    kw = {"threads": a.threads, "corpus": a.corpus} if any(Path(a.index).glob("segments_*")) else \
+    d = Path(a.index)
+    if not d.is_dir() or not (any(d.glob("segments_*")) or (d / "meta.json").is_file()):
+        raise UserError(f"--index {d} is not an index folder (no segments_* files, no meta.json); build one with "
+                        f"`python search_env.py index --corpus corpus.jsonl --out {d}`")
+    kw = {"threads": a.threads, "corpus": a.corpus} if any(d.glob("segments_*")) else \
         {"encoder": a.encoder, "device": a.device, "use_faiss": a.faiss, "corpus": a.corpus}
     retriever = load_retriever(a.index, **kw)
-    server = make_server(retriever, a.host, a.port, a.topk, a.max_queries, a.max_topk, int(a.max_body_mb * 2 ** 20))
+    try:
+        server = make_server(retriever, a.host, a.port, a.topk, a.max_queries, a.max_topk,
+                             int(a.max_body_mb * 2 ** 20))
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        raise UserError(f"--host {a.host} --port {a.port} cannot be listened on ({e.strerror}); pick another "
+                        "--port") from None
     print(f"serving {a.index} at http://{a.host}:{server.server_address[1]}/retrieve", flush=True)
     try:
         server.serve_forever()
@@ -906,4 +984,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

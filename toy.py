@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 import search_env
+from utils import UserError, cli, publish_dir
 
 N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS = 400, 130, 40, 10, 20  # one-word names, one token each
 TEST_PERSONS, TEST_ORGS = 60, 30                  # held-out part of the world that test questions ask about
@@ -75,7 +76,7 @@ CHAT_TEMPLATE = (
 )
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=384, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
-SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, weight_decay=0.01, threads=2)
+SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, hold=0, weight_decay=0.01, threads=2)
 
 # Every question ends with its subject, and every fact is read by restating the passage's words: the policy copies
 # the subject from a fixed offset, writes the relation and copies the name that follows it in the passage.
@@ -336,7 +337,7 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             target = mask[:, 1:]  # (B, T-1): predict token t+1 only where it is the model's own
             logits = model.lm_head(hidden[:, :-1][target])  # (N, V): logits only where the loss needs them
             loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][target])
-            lr = SFT["lr"] * min(1.0, (step + 1) / SFT["warmup"]) * (1 - 0.9 * step / SFT["steps"])
+            lr = SFT["lr"] * min(1.0, (step + 1) / SFT["warmup"]) * (1 - 0.9 * max(0, step - SFT["hold"]) / (SFT["steps"] - SFT["hold"]))
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -352,22 +353,22 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
 
 
 # ----------------------------------------------------------------------------------------------------------- build
-class OutDirError(Exception):
+class OutDirError(UserError):
     """--out cannot be used; nothing was written."""
 
 
 def _make_tmp(out: Path, force: bool) -> Path:
     """Check --out, then create the temporary sibling the world is built in (renamed to --out at the end)."""
     if out.exists() and not out.is_dir():
-        raise OutDirError(f"--out {out} is a file: give a folder path")
+        raise OutDirError(f"--out {out} is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutDirError(f"--out {out} is not empty: give a fresh folder or pass --force to replace it")
+        raise OutDirError(f"--out {out} is not empty; give a fresh folder or pass --force to replace it")
     if not out.parent.is_dir():
-        raise OutDirError(f"--out {out}: its parent {out.parent} is not an existing folder: create it first")
+        raise OutDirError(f"--out {out}: its parent {out.parent} is not an existing folder; create it first")
     try:
         return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building-"))
     except OSError as e:
-        raise OutDirError(f"--out {out}: cannot write into {out.parent} ({e.strerror}): pick a writable folder")
+        raise OutDirError(f"--out {out}: cannot write into {out.parent} ({e.strerror}); pick a writable folder") from None
 
 
 def build(out, seed: int = 0, force: bool = False) -> Path:
@@ -424,9 +425,7 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
             raise RuntimeError(f"toy: the saved tokenizer ({type(loaded).__name__}) encodes differently from the one "
                                "the warm start was trained with")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -435,17 +434,14 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Build the toy search-QA world (corpus, parquet, BM25, warm model).")
     ap.add_argument("--out", required=True, help="folder to create (must be new or empty unless --force)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    args = ap.parse_args()
-    try:
-        build(args.out, seed=args.seed, force=args.force)
-    except OutDirError as e:
-        sys.exit(f"toy.py: error: {e}")
+    args = ap.parse_args(argv)
+    build(args.out, seed=args.seed, force=args.force)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

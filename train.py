@@ -52,8 +52,8 @@ from tqdm import tqdm
 import loss as L
 import rollout as R
 import search_env
-from utils import (Meter, all_sum, barrier, fsdp_modules, gathered, grad_sync, latest_checkpoint, load_checkpoint,
-                   parse_dataclass, rank_world, save_checkpoint, setup_device, truncate_jsonl, wrap_model,
+from utils import (Meter, UserError, all_sum, barrier, cli, fsdp_modules, gathered, grad_sync, latest_checkpoint,
+                   load_checkpoint, parse_dataclass, rank_world, save_checkpoint, setup_device, truncate_jsonl, wrap_model,
                    write_atomic)
 
 
@@ -137,22 +137,46 @@ def parse_config(argv=None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
+    """Every value that cannot work, refused before anything loads (a flag of the same name fixes each)."""
     def need(ok, msg):
         if not ok:
-            raise SystemExit(f"error: {msg}")
+            raise UserError(msg)
     choices = {"ratio_level": ("token", "sequence"), "agg": L.AGGS, "kl_kind": ("k1", "k2", "k3"),
                "llds_gate": ("action", "response"), "dist": ("fsdp", "ddp"),
                "wandb_mode": ("online", "offline", "disabled")}
     for k, opts in choices.items():
-        need(getattr(cfg, k) in opts, f"{k}={getattr(cfg, k)!r}: expected one of {', '.join(opts)}")
+        need(getattr(cfg, k) in opts, f"{k}={getattr(cfg, k)!r} is not a choice; pass one of {', '.join(opts)}")
     need(cfg.group_size >= 2, f"group_size={cfg.group_size}: GRPO needs at least 2 samples per question")
-    for k in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
-        need(getattr(cfg, k) >= 1, f"{k}={getattr(cfg, k)}: must be at least 1")
+    # (key, smallest allowed value): a 0 in topk would train on empty observations; 0 or a negative in the
+    # others fails in the first step, after the model and the index have loaded
+    for k, low in (("steps", 1), ("prompts_per_step", 1), ("mini_batch_size", 1), ("micro_batch_size", 1),
+                   ("ppo_epochs", 1), ("max_turns", 0), ("max_turn_tokens", 1), ("max_obs_tokens", 1),
+                   ("max_context", 1), ("topk", 1), ("rollout_batch_size", 0), ("eval_batch_size", 1),
+                   ("save_every", 0), ("keep_checkpoints", 1), ("sample_every", 0), ("sample_groups", 0),
+                   ("eval_every", 0), ("eval_limit", 0), ("lld_window", 1)):
+        need(getattr(cfg, k) >= low, f"{k}={getattr(cfg, k)}: must be at least {low}")
+    for k in ("lr", "weight_decay", "kl_coef", "llds_coef", "clip_low", "clip_high"):
+        v = getattr(cfg, k)
+        need(math.isfinite(v) and v >= 0, f"{k}={v}: must be a finite number >= 0")
     n = cfg.prompts_per_step * cfg.group_size
     need(n % cfg.mini_batch_size == 0, f"mini_batch_size={cfg.mini_batch_size} must divide prompts_per_step x "
                                        f"group_size = {n}")
-    need(cfg.temperature > 0, f"temperature={cfg.temperature}: must be > 0")
+    need(0 < cfg.temperature < math.inf, f"temperature={cfg.temperature}: must be > 0")
+    need(0 < cfg.top_p <= 1, f"top_p={cfg.top_p}: must be in (0, 1]; 1 samples from the whole distribution")
+    need(0 <= cfg.warmup_ratio <= 1, f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1]")
+    need(cfg.grad_clip > 0, f"grad_clip={cfg.grad_clip}: must be > 0")
+    need(cfg.clip_low < 1, f"clip_low={cfg.clip_low}: must be below 1 (the ratio is clipped at 1 - clip_low)")
     need(cfg.dual_clip == 0 or cfg.dual_clip > 1, f"dual_clip={cfg.dual_clip}: 0 (off) or > 1")
+    need(cfg.device in ("", "cpu") or cfg.device.split(":")[0] == "cuda",
+         f"device={cfg.device!r}: pass cpu, cuda or cuda:N (or nothing: cuda when present)")
+
+
+def check_obs_budget(cfg: Config, tokenizer) -> None:
+    """max_obs_tokens must hold the closing tag an observation keeps; its length depends on the tokenizer."""
+    tail = len(tokenizer(R.OBS_TAIL, add_special_tokens=False)["input_ids"])
+    if cfg.max_obs_tokens <= tail:
+        raise UserError(f"max_obs_tokens={cfg.max_obs_tokens} cannot hold the closing '</information>' ({tail} "
+                        f"tokens with this tokenizer) and any passage; raise it (default 500)")
 
 
 def rollout_config(cfg: Config, greedy: bool = False) -> R.RolloutConfig:
@@ -554,8 +578,8 @@ def main(argv=None):
     device = setup_device(cfg.device)
     rank, world = rank_world()
     if cfg.prompts_per_step % world or cfg.mini_batch_size % world:
-        raise SystemExit(f"error: prompts_per_step={cfg.prompts_per_step} and mini_batch_size="
-                         f"{cfg.mini_batch_size} must be multiples of the {world} processes")
+        raise UserError(f"prompts_per_step={cfg.prompts_per_step} and mini_batch_size={cfg.mini_batch_size} "
+                        f"must be multiples of the {world} processes")
     cfg = fill_toy_paths(cfg, rank)
     run_dir = cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     if dist.is_initialized():  # ranks could straddle a second
@@ -567,38 +591,52 @@ def main(argv=None):
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if not cfg.resume and (run_dir / "config.yaml").exists():
         how = f"pass --resume {run_dir} to continue it" if latest_checkpoint(run_dir) else "it has no checkpoint"
-        raise SystemExit(f"error: run_dir {run_dir} already holds a run ({how}): choose another --run_dir")
+        raise UserError(f"run_dir {run_dir} already holds a run ({how}); choose another --run_dir")
     if cfg.resume and ckpt is None:
-        raise SystemExit(f"error: --resume {cfg.resume} has no checkpoint yet (no {run_dir / 'latest'}): "
-                         "start it again in a new --run_dir")
-    barrier()  # every rank has checked run_dir before rank 0 writes into it
+        raise UserError(f"--resume {cfg.resume} has no checkpoint yet (no {run_dir / 'latest'}); "
+                        "start it again in a new --run_dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run_dir {run_dir} is a file; give a folder path")
+
+    # Every input is read before anything is written, so a refused start leaves no config.yaml behind (one
+    # would make the corrected command refuse the run_dir as "already holds a run").
+    import eval as ev
+    train_examples = ev.load_qa(cfg.train_data.split(","), flag="--train_data")
+    eval_examples = ev.spread(ev.load_qa(cfg.eval_data.split(","), flag="--eval_data"), cfg.eval_limit or None)
+    for path in dict.fromkeys([cfg.model, str(ckpt or cfg.model)]):
+        ev.check_model_dir(path)
+    # the debug_rollouts test hook never searches: no JVM to start. A server answers a probe in milliseconds; a
+    # local index is opened (the JVM started) after the other checks.
+    retriever = None
+    if cfg.retriever_url and not cfg.debug_rollouts:
+        retriever = ev.open_retriever(None, cfg.retriever_url)
+    elif not cfg.debug_rollouts:
+        ev.check_index_path(cfg.index or None)
+    for path in dict.fromkeys([cfg.model, str(ckpt or cfg.model)]):
+        ev.check_model_files(path)
+    tokenizer = ev.load_tokenizer(str(ckpt or cfg.model), padding_side=None)
+    check_obs_budget(cfg, tokenizer)
+    if retriever is None and not cfg.debug_rollouts:
+        retriever = ev.open_retriever(cfg.index or None, None)
+    model = ev.load_causal_lm(str(ckpt or cfg.model), torch.float32, tokenizer).to(device)
+    ref = None
+    if cfg.kl_coef > 0:  # otherwise no reference model exists at all
+        ref = ev.load_causal_lm(cfg.model, torch.float32, tokenizer).to(device).eval()
+        ref.requires_grad_(False)
+    barrier()  # every rank has checked its inputs before rank 0 writes into run_dir
     text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--run_dir {run_dir} cannot be created ({e.strerror}); pick a writable folder") from None
         write_atomic(run_dir / "config.yaml", text)
         print("config:\n  " + text.strip().replace("\n", "\n  "), flush=True)
-
-    import eval as ev
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        train_examples = ev.load_qa(cfg.train_data.split(","))
-        eval_examples = ev.spread(ev.load_qa(cfg.eval_data.split(",")), cfg.eval_limit or None)
-        ev.check_model_dir(cfg.model)
-        # the debug_rollouts test hook never searches: no JVM to start
-        retriever = None if cfg.debug_rollouts else ev.open_retriever(cfg.index or None, cfg.retriever_url or None)
-    except ev.BadInput as e:
-        raise SystemExit(f"error: {e}") from None
-    tokenizer = AutoTokenizer.from_pretrained(ckpt or cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(ckpt or cfg.model, dtype=torch.float32).to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = wrap_model(model, cfg.dist, device, cfg.bf16)
-    ref = None
-    if cfg.kl_coef > 0:  # otherwise no reference model exists at all
-        ref = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device).eval()
-        ref.requires_grad_(False)
-        ref = ref if cfg.dist == "ddp" else wrap_model(ref, cfg.dist, device, cfg.bf16)
+    if ref is not None and cfg.dist != "ddp":
+        ref = wrap_model(ref, cfg.dist, device, cfg.bf16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_ratio * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
@@ -679,4 +717,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -9,19 +9,39 @@ Checkpoints: run_dir/checkpoints/step_N/ holds the model and tokenizer (save_pre
 Face tool load it) and state.pt (optimiser, scheduler, step, the caller's state; plain tensors and Python
 values, so torch.load(weights_only=True) reads it). step_N is written as step_N.tmp and renamed, then the file
 run_dir/latest is replaced atomically: a run killed while saving still resumes from the previous checkpoint.
+
+Bad input: code that checks an input raises UserError; `cli(main)` (each command's `__main__`) prints it as one line,
+`error: <input> <what is wrong>; <what to do>`, and exits 2, the status argparse uses for a bad flag.
+torch is imported inside the functions that use it: search_env.py and toy.py import this module too, and their
+refusals should not wait for torch to load.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 import yaml
+
+
+class UserError(Exception):
+    """An input the user must fix; the message names the input, what is wrong with it, and what to do."""
+
+
+def cli(main, argv=None):
+    """Run a command's main(argv): a UserError becomes one line on stderr and exit status 2, no traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 # ------------------------------------------------------------------------------------------------ config
 
@@ -46,7 +66,7 @@ def _typed(key: str, value, typ, where: str):
         except ValueError:
             pass
     if type(value) is not typ:
-        raise SystemExit(f"error: {where}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+        raise UserError(f"{where}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -55,14 +75,14 @@ def read_yaml(path, fields: dict) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} does not exist") from None
+        raise UserError(f"--config {path} does not exist; give the path of a YAML file") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"error: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of config keys")
+        raise UserError(f"{path} must hold a mapping of config keys (key: value lines)")
     for k in data:
         if k not in fields:
-            raise SystemExit(f"error: unknown config key '{k}' in {path} (known: {', '.join(fields)})")
+            raise UserError(f"unknown config key '{k}' in {path}; known keys: {', '.join(fields)}")
     return {k: _typed(k, v, fields[k].type, str(path)) for k, v in data.items()}
 
 
@@ -80,7 +100,7 @@ def parse_dataclass(cls, argv=None, description: str = ""):
     if flags.get("resume"):
         saved = Path(flags["resume"]) / "config.yaml"
         if not saved.is_file():
-            raise SystemExit(f"error: --resume {flags['resume']} has no config.yaml: is it a run directory?")
+            raise UserError(f"--resume {flags['resume']} has no config.yaml; pass a run directory train.py wrote")
         values.update(read_yaml(saved, fields))
         values["run_dir"] = flags["resume"]
     if flags.get("config"):
@@ -92,16 +112,23 @@ def parse_dataclass(cls, argv=None, description: str = ""):
 # ------------------------------------------------------------------------------------------------ processes
 
 def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def barrier():
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
 def setup_device(name: str = "") -> torch.device:
     """The device (`name`, else this rank's GPU, else CPU); joins the process group under torchrun."""
+    import torch
+    import torch.distributed as dist
+
     local = int(os.environ.get("LOCAL_RANK", 0))
     if name:
         device = torch.device(name)
@@ -109,7 +136,7 @@ def setup_device(name: str = "") -> torch.device:
         device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # torchrun, even with one rank: FSDP2 / DDP run
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
@@ -117,6 +144,9 @@ def setup_device(name: str = "") -> torch.device:
 def wrap_model(model, mode: str, device, bf16: bool = False):
     """Under torchrun: FSDP2 (each decoder layer, then the root; bf16 params with fp32 gradient reduction when
     asked) or DDP. Alone: the model itself. FSDP2 and DDP both average gradients over ranks."""
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return model
     if mode == "ddp":
@@ -176,6 +206,8 @@ def grad_sync(model, sync: bool):
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
@@ -196,6 +228,9 @@ class Meter:
         self.max[name] = max(self.max.get(name, -math.inf), float(value))
 
     def reduce(self, device) -> dict:
+        import torch
+        import torch.distributed as dist
+
         keys, mkeys = sorted(self.num), sorted(self.max)
         t = all_sum(torch.tensor([self.num[k] for k in keys] + [self.den[k] for k in keys],
                                  dtype=torch.float64, device=device)).tolist()
@@ -209,16 +244,57 @@ class Meter:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def write_atomic(path: Path, text: str) -> None:
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data) -> None:
+    """The project's one way to write a file: `data` (str, bytes, or a function that writes into a binary file
+    object, e.g. `lambda f: np.save(f, a)`) goes to a sibling .tmp, which is fsynced, renamed over `path`, and
+    the folder fsynced. The rename alone is atomic but not durable: after a power loss the new name can point
+    at a file whose blocks never reached the disk."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(f"{path} could not be written ({e.strerror}); free disk space and run again") from None
+        raise
+    _fsync(path.parent)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final` (replacing it), durably: every file in it and the folder
+    itself are fsynced before the rename, the parent after it (write_atomic's rule, for a folder)."""
+    tmp, final = Path(tmp), Path(final)
+    for p in sorted(tmp.rglob("*"), reverse=True):  # files and subfolders before the folders holding them
+        _fsync(p)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict,
                     keep: int = 1) -> Path | None:
-    """run_dir/checkpoints/step_N, then run_dir/latest (module docstring); the `keep` newest are kept.
-    Every rank must call it (FSDP gathers the full state); rank 0 writes and gets the path."""
+    """run_dir/checkpoints/step_N, then run_dir/latest (module docstring); the `keep` newest are kept (at least
+    the one just written). Every rank must call it (FSDP gathers the full state); rank 0 writes and gets the
+    path. A failed write (a full disk) removes its partial folder and leaves the previous checkpoint."""
+    import torch
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -230,15 +306,25 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     ckpts = run_dir / "checkpoints"
     final, tmp = ckpts / f"step_{step:06d}", ckpts / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unwrap(model).save_pretrained(tmp, state_dict=model_sd)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        unwrap(model).save_pretrained(tmp, state_dict=model_sd)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state},
+                   tmp / "state.pt")
+        publish_dir(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a kill or a bug too: no partial folder stays behind
+        # a full disk reaches us as OSError (tokenizer, config), RuntimeError (torch.save's zip writer) or
+        # SafetensorError (the weights, written by Rust)
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        free = shutil.disk_usage(run_dir).free / 2**30
+        raise UserError(f"checkpoint {final} could not be written ({str(e).strip().splitlines()[0]}; {free:.1f} "
+                        f"GiB free); free disk space, then continue with --resume {run_dir}") from None
     write_atomic(run_dir / "latest", final.name + "\n")
     done = sorted(p for p in ckpts.iterdir() if p.name.startswith("step_") and not p.name.endswith(".tmp"))
-    for p in done[:-keep]:
+    for p in done[:-max(keep, 1)]:  # never the one `latest` names
         shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -251,6 +337,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Optimiser and scheduler state from ckpt/state.pt (the weights come from from_pretrained(ckpt)); returns
     the rest of state.pt. Works across world sizes: the optimiser state is keyed by parameter name."""
+    import torch
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     saved = torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")

@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import rollout as ro  # noqa: E402
-from search_env import INVALID_ACTION_MSG, extract_answer, format_observation, parse_action  # noqa: E402
+from search_env import INVALID_ACTION_MSG, format_observation  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 
 def baseline_rollout(model, tok, prompts, retriever, cfg: ro.RolloutConfig):
@@ -43,9 +44,8 @@ def baseline_rollout(model, tok, prompts, retriever, cfg: ro.RolloutConfig):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = sorted(ro._eos_ids(model, tok))
     ends_tag = ro._tag_ending_tokens(tok, model.get_output_embeddings().weight.shape[0], "cpu").tolist()
-    inv = tok(INVALID_ACTION_MSG, add_special_tokens=False)["input_ids"]
-    tail = tok(ro.OBS_TAIL, add_special_tokens=False)["input_ids"]
-    empty = tok(format_observation([]), add_special_tokens=False)["input_ids"]
+    obs_ids = {k: tok(v, add_special_tokens=False)["input_ids"] for k, v in
+               (("invalid", INVALID_ACTION_MSG), ("tail", ro.OBS_TAIL), ("empty", format_observation([])))}
     T = [ro._Traj(ro.wrap_prompt(tok, p)) for p in prompts]
     for turn in range(1, cfg.max_turns + 2):
         rows = [i for i, t in enumerate(T) if not t.done]
@@ -63,35 +63,16 @@ def baseline_rollout(model, tok, prompts, retriever, cfg: ro.RolloutConfig):
         for i, g, bud in zip(rows, gen, budgets):
             t = T[i]
             for j, x in enumerate(g):  # cut after the first tag / EOS / cap, as rollout() does
-                text_has_tag = ends_tag[x] and any(s in tok.decode(g[max(0, j - 15):j + 1]) for s in ro.TAGS)
+                text_has_tag = ends_tag[x] and any(s in tok.decode(g[max(0, j - 15):j + 1], skip_special_tokens=True)
+                                                   for s in ro.TAGS)
                 if text_has_tag or x in eos or j + 1 >= bud:
                     t.stop = "tag" if text_has_tag else "eos" if x in eos else (
                         "turn_cap" if bud == cfg.max_turn_tokens else "context")
                     t.add_turn(g[:j + 1], [0.0] * (j + 1))
                     break
-        queries, asking = [], []
-        for i in rows:
-            t = T[i]
-            action, content = parse_action(tok.decode(t.response_ids[t.spans[-1][0]:]))
-            t.valid += action is not None
-            if action == "answer":
-                t.done = t.answered = True
-            elif t.stop in ("eos", "context") or turn == cfg.max_turns + 1:
-                t.done = True
-            elif action == "search" and content:
-                queries.append(content)
-                asking.append(i)
-            else:
-                t.add_observation(empty if action == "search" else inv, cfg)
-        if queries:
-            obs = tok([format_observation(h) for h in retriever.search(queries, cfg.topk)],
-                      add_special_tokens=False)["input_ids"]
-            for i, o in zip(asking, obs):
-                T[i].searches += 1
-                T[i].add_observation(o if len(o) <= cfg.max_obs_tokens else o[:cfg.max_obs_tokens - len(tail)] + tail,
-                                     cfg)
+        ro._act(T, rows, tok, retriever, cfg, turn, obs_ids)  # the protocol step is rollout()'s own
     return [ro.Trajectory(0, t.prompt_ids, t.response_ids, t.loss_mask, t.spans, t.logprobs, t.searches, t.valid,
-                          t.answered, extract_answer(tok.decode(t.response_ids)), tok.decode(t.response_ids))
+                          t.answered, t.answer, tok.decode(t.response_ids))
             for t in T]
 
 
@@ -146,7 +127,7 @@ def child(args):
                       "responses": [t.response_ids for t in trajs], "masks": [t.loss_mask for t in trajs]}))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--toy-dir", type=Path, default=None, help="a built toy world (default: build one, cached)")
     p.add_argument("--prompts", type=int, default=64)
@@ -158,13 +139,17 @@ def main():
     p.add_argument("--model-shape", choices=["toy", "qwen2.5-3b"], default="toy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engine", choices=["ours", "generate"], default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.toy_dir is None:
         import toy
 
         args.toy_dir = ROOT / ".cache" / "bench-toy"
         if not (args.toy_dir / "model" / "config.json").exists():
+            args.toy_dir.parent.mkdir(exist_ok=True)  # a fresh clone has no .cache/ yet
             toy.build(args.toy_dir, seed=0, force=True)
+    elif not (args.toy_dir / "model" / "config.json").is_file():
+        raise UserError(f"--toy-dir {args.toy_dir} is not a built toy world (no model/config.json); build one with "
+                        f"`python toy.py --out {args.toy_dir}` or leave --toy-dir out")
     if args.engine:
         return child(args)
 
@@ -197,4 +182,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import loss as L  # noqa: E402
 import rollout as R  # noqa: E402
 import train  # noqa: E402
+from utils import UserError, cli  # noqa: E402
 
 SHAPES = {  # Qwen2ForCausalLM configs; "toy" is toy.py's MODEL with its 2048-token vocabulary
     "toy": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -45,6 +46,7 @@ SHAPES = {  # Qwen2ForCausalLM configs; "toy" is toy.py's MODEL with its 2048-to
                        intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
 }
 PARAMS = {"qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.62e9}  # the released models' parameter counts
+ROLLOUT_ROWS = {"qwen2.5-3b": 160, "qwen2.5-7b": 80}  # --rollout_batch_size of the paper configs (README table)
 
 
 def peak_rss_gb() -> float:
@@ -111,7 +113,7 @@ def bench(args):
 
     device = torch.device(args.device)
     if device.type == "cpu" and args.bf16:
-        raise SystemExit("error: --bf16 on CPU is ~100x slower than fp32 here (ENVIRONMENT.md): drop it")
+        raise UserError("--bf16 on CPU is ~100x slower than fp32 here; drop it or pass --device cuda")
     torch.manual_seed(0)
     shape = SHAPES[args.shape]
     model = Qwen2ForCausalLM(Qwen2Config(**shape, max_position_embeddings=8192)).to(device)
@@ -218,11 +220,11 @@ def main(argv=None):
         memory_table()
         return
     if args.rows % args.group_size or args.rows % args.mini_batch_size:
-        raise SystemExit("error: --rows must be a multiple of --group_size and of --mini_batch_size")
+        raise UserError(f"--rows {args.rows} must be a multiple of --group_size and of --mini_batch_size")
     torch.set_num_threads(min(2, torch.get_num_threads()) if args.device == "cpu" else torch.get_num_threads())
     bench(args)
     memory_table()
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,14 +11,15 @@ import pytest
 import eval as ev
 import search_env
 from search_env import exact_match, f1_score
+from utils import UserError
 
 
 def _fail(argv) -> str:
     """main(argv) must stop with a one-line `error: ...` message; returns it."""
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:  # utils.cli prints it as `error: <message>` and exits 2
         ev.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    msg = f"error: {e.value}"
+    assert "\n" not in msg, msg
     return msg
 
 

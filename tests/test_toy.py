@@ -189,11 +189,13 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
         for r, i in enumerate(live):
             new = _cut_at_stop(tok, gen[r, T:].tolist())
             resp[i] += new
-            kind, content = search_env.parse_action(tok.decode(new))
+            kind, content = search_env.parse_action(tok.decode(new, skip_special_tokens=True))
             if kind == "search" and turn < max_turns:
                 queries.append(content)
                 waiting.append(i)
-            elif kind is None and new and new[-1] != tok.eos_token_id and turn < max_turns:
+            elif kind is None and turn < max_turns:  # no action, EOS or the cap: Search-R1's invalid action
+                if new and new[-1] == tok.eos_token_id:
+                    resp[i].pop()  # Search-R1 re-tokenises the turn's text: the EOS does not stay
                 resp[i] += tok.encode(search_env.INVALID_ACTION_MSG, add_special_tokens=False)
             else:
                 done[i] = True

@@ -14,6 +14,7 @@ import yaml
 import rollout as R
 import search_env
 import train
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--steps", "2", "--prompts_per_step", "4", "--group_size", "2", "--mini_batch_size", "4",
@@ -110,12 +111,12 @@ def test_resume_equals_uninterrupted_run(toy_dir, tmp_path):
 def test_config_file_unknown_key_wrong_type_and_flag_precedence(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 3\nstepz: 4\n")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.parse_config(["--config", str(bad)])
     assert "unknown config key 'stepz'" in str(e.value) and str(bad) in str(e.value)
 
     bad.write_text("steps: many\n")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.parse_config(["--config", str(bad)])
     assert "'steps' must be int" in str(e.value)
 
@@ -132,7 +133,7 @@ def test_config_file_unknown_key_wrong_type_and_flag_precedence(tmp_path, capsys
     assert (cfg.steps, cfg.lr, cfg.adv_std, cfg.mini_batch_size) == (7, 1e-6, True, 8)  # flags beat the file
 
     good.write_text("mini_batch_size: 7\n")  # 16 x 5 = 80 rows are not a multiple of 7
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.parse_config(["--config", str(good)])
     assert "mini_batch_size=7" in str(e.value)
 
@@ -270,9 +271,9 @@ def test_refuses_to_overwrite_a_run_and_to_resume_without_checkpoint(toy_dir, tm
     run_dir = tmp_path / "old"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"steps": 2}))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.main(["--toy_dir", str(toy_dir), "--run_dir", str(run_dir)])
     assert "already holds a run" in str(e.value) and "no checkpoint" in str(e.value)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         train.main(["--resume", str(run_dir)])
     assert "no checkpoint yet" in str(e.value)
