@@ -76,7 +76,7 @@ CHAT_TEMPLATE = (
 )
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=384, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
-SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, hold=0, weight_decay=0.01, threads=2)
+SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, weight_decay=0.01, threads=2)
 
 # Every question ends with its subject, and every fact is read by restating the passage's words: the policy copies
 # the subject from a fixed offset, writes the relation and copies the name that follows it in the passage.
@@ -337,7 +337,7 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             target = mask[:, 1:]  # (B, T-1): predict token t+1 only where it is the model's own
             logits = model.lm_head(hidden[:, :-1][target])  # (N, V): logits only where the loss needs them
             loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][target])
-            lr = SFT["lr"] * min(1.0, (step + 1) / SFT["warmup"]) * (1 - 0.9 * max(0, step - SFT["hold"]) / (SFT["steps"] - SFT["hold"]))
+            lr = SFT["lr"] * min(1.0, (step + 1) / SFT["warmup"]) * (1 - 0.9 * step / SFT["steps"])
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
