@@ -206,25 +206,28 @@ def _parse_passage(line, where: str) -> dict:
     return {"id": str(row["id"]), "contents": row["contents"]}
 
 
-def scan_corpus(corpus_path, progress: bool = False) -> int:
+def scan_corpus(corpus_path, progress: bool = False):
     """Check every line of a corpus before anything is built: one passage per non-blank line (_parse_passage),
     and no id twice (dense ids follow line order, so a repeated id is two passages with one name). Returns
-    the number of passages. Ids are kept as 8-byte hashes (a 21M-passage corpus: 340 MB, not gigabytes of
-    strings); two equal hashes are confirmed by reading both lines again."""
+    line_offsets' array from the same pass (a dense build needs it: no second read of a 13 GB corpus). Ids are
+    kept as 8-byte hashes (a 21M-passage corpus: 340 MB, not gigabytes of strings); two equal hashes are
+    confirmed by reading both lines again."""
     import numpy as np
     from tqdm import tqdm
 
     path = Path(corpus_path)
-    hashes, lines = array.array("Q"), array.array("q")
+    hashes, lines, starts, pos = array.array("Q"), array.array("q"), array.array("q"), 0
     with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="checking corpus",
                                      disable=not progress, delay=1) as bar:  # delay: no bar for a small file
         for lineno, line in enumerate(f, 1):
             bar.update(len(line))
+            pos += len(line)
             if not line.strip():
                 continue
             pid = _parse_passage(line, f"{path} line {lineno}")["id"]
             hashes.append(int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little"))
             lines.append(lineno)
+            starts.append(pos - len(line))
     if not hashes:
         raise CorpusError(f"corpus {path} has no passages; give a JSONL file with one {{\"id\", \"contents\"}} "
                           "per line")
@@ -243,7 +246,7 @@ def scan_corpus(corpus_path, progress: bool = False) -> int:
             if ids[a] == ids[b]:  # else two ids whose hashes collide
                 raise CorpusError(f"{path} line {b}: id {ids[b]!r} is also the id of line {a}; give each "
                                   "passage its own id")
-    return len(hashes)
+    return np.append(np.frombuffer(starts, dtype=np.int64), pos)
 
 
 class _Corpus:
@@ -513,9 +516,8 @@ def build_dense_index(corpus_path, out_dir, encoder, max_length: int = 256, batc
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} is not empty and holds no dense index: delete it or choose another --out")
     if not (out / "offsets.npy").exists():
-        scan_corpus(corpus_path, progress)  # before --out or the encoder; a resumed build checked it the first time
+        offsets = scan_corpus(corpus_path, progress)  # before --out or the encoder; a resumed build checked it
         out.mkdir(parents=True, exist_ok=True)
-        offsets = line_offsets(corpus_path, progress)
         write_atomic(out / "offsets.npy", lambda f: np.save(f, offsets))
     offsets = np.load(out / "offsets.npy", mmap_mode="r")
     n = len(offsets) - 1

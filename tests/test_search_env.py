@@ -161,6 +161,15 @@ def test_bm25_hostile_queries_never_fail_the_batch(small):
     assert bm25.search([q], 1)[0][0]["id"] == rows[picks[0]]["id"]
 
 
+def test_scan_corpus_gives_the_line_offsets_in_its_one_pass(small):
+    rows, _, d = small  # make_corpus writes a blank line after passage 11: it is no passage, and no offset
+    offsets = se.scan_corpus(d / "corpus.jsonl")
+    assert offsets.dtype == np.int64 and len(offsets) == len(rows) + 1
+    assert offsets.tolist() == se.line_offsets(d / "corpus.jsonl").tolist()
+    raw = (d / "corpus.jsonl").read_bytes()
+    assert [json.loads(raw[a:b]) for a, b in zip(offsets[:-1], offsets[1:])][10:13] == rows[10:13]
+
+
 def test_bm25_index_errors(small, tmp_path):
     _, _, d = small
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
