@@ -1,4 +1,4 @@
-"""GRPO / GSPO losses with KL, entropy and LLDS, as pure tensor functions (SPEC sections 4 and 5).
+"""GRPO / GSPO losses with KL, entropy and LLDS, as pure tensor functions (docs/protocol.md §4 and §5).
 
 The objective for one mini-batch (what `compute_loss` returns, to be minimised):
 
@@ -18,16 +18,14 @@ coef_t = `coef` (or min(`answer_coef`, `coef`) where `answer_mask` is 1), sg[.] 
 
 Micro-batching: pass `num_tokens` (masked tokens of the whole mini-batch), `num_seqs` (its rows) and a constant
 `norm_len`; then the losses of the micro-batches sum to the mini-batch loss, gradients included.
-Metrics are plain floats from ONE device sync per call. Loss terms (train/pg_loss, train/loss, llds/penalty)
-and counts (train/tokens, llds/preserving_tokens, llds/actions, llds/gated_actions) add up over micro-batches;
-the rest are statistics of this call's masked tokens (average them, weighted by train/tokens; min/max for
-train/ratio_min and train/ratio_max).
+Metrics are plain floats from ONE device sync per call; `REDUCE` (below `compute_loss`) says how each one combines
+over micro-batches, mini-batches and ranks.
 
 Departures from the papers and from Search-R1 (veRL 0.1 `core_algos.py` / `dp_actor.py`, LLDS code):
  1. Micro-batch exactness: every term divides by the whole mini-batch's `num_tokens` / `num_seqs`. Search-R1
     takes a masked mean per micro-batch and divides by the number of micro-batches, which weights micro-batches
     equally instead of tokens, so its result depends on how the mini-batch was split.
- 2. The log-ratio is clamped to [-20, 20] before exp (SPEC); Search-R1 clamps the ratio after exp to
+ 2. The log-ratio is clamped to [-20, 20] before exp (docs/protocol.md §4); Search-R1 clamps the ratio after exp to
     [-100, 100]. Identical while |lp - old| < 4.6; ours cannot overflow.
  3. Positions with mask 0 are set to 0 (torch.where) before any arithmetic, so inf/NaN in padding reach neither
     the loss nor the gradient; Search-R1 multiplies by the mask (NaN * 0 = NaN).
@@ -72,10 +70,26 @@ def _check_btb(logp, old_logp, advantages, mask) -> None:
     _check("advantages", advantages, logp.shape[:1])
 
 
-def _denom(num_tokens, mb: torch.Tensor):
+def actions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actions of each row (docs/protocol.md §5): maximal runs of consecutive loss-mask tokens, one model turn
+    between tool calls each. Returns ids (B, T) long, k = 1, 2, ... on the tokens of a row's k-th action and 0 off
+    the mask, and starts (B, T) bool, True on the first token of each action. LLDS gates by them and the LLD
+    monitor (train.py) counts them."""
+    on = mask.bool()  # (B, T)
+    starts = on & ~torch.nn.functional.pad(on[:, :-1], (1, 0), value=False)  # (B, T)
+    return torch.where(on, starts.long().cumsum(-1), 0), starts
+
+
+def action_sums(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum of x (B, T) over each action of `ids` (from `actions`) -> (B, T+1): column k is the k-th action's sum,
+    column 0 collects nothing but zeros (the off-mask tokens)."""
+    return x.new_zeros(x.shape[0], x.shape[1] + 1).scatter_add_(1, ids, torch.where(ids > 0, x, 0.0))
+
+
+def _denom(num_tokens, on: torch.Tensor):
     # At least 1, so an all-empty mask gives loss 0 rather than NaN. A tensor count stays on its device (no sync).
     if num_tokens is None:
-        return mb.sum().clamp(min=1)
+        return on.sum().clamp(min=1)
     return num_tokens.clamp(min=1) if torch.is_tensor(num_tokens) else max(float(num_tokens), 1.0)
 
 
@@ -141,16 +155,16 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
     return torch.cat(out).reshape(logits.shape[:-1])
 
 
-def _aggregate(x, mb, agg, num_tokens, num_seqs, norm_len):
-    """x (B, T) already 0 where the mask is 0 -> scalar."""
+def _aggregate(x, on, agg, num_tokens, num_seqs, norm_len):
+    """x (B, T) already 0 where the mask `on` is False -> scalar."""
     if agg == "token-mean":
-        return x.sum() / _denom(num_tokens, mb)
+        return x.sum() / _denom(num_tokens, on)
     row = x.sum(-1)  # (B,)
     if agg == "seq-mean-token-mean":
-        row = row / mb.sum(-1).clamp(min=1)
+        row = row / on.sum(-1).clamp(min=1)
     else:
-        row = row / float(norm_len if norm_len is not None else mb.shape[-1])
-    return row.sum() / float(num_seqs if num_seqs is not None else mb.shape[0])
+        row = row / float(norm_len if norm_len is not None else on.shape[-1])
+    return row.sum() / float(num_seqs if num_seqs is not None else on.shape[0])
 
 
 def _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, ratio_level, agg,
@@ -160,17 +174,17 @@ def _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_cli
     _check_choice("agg", agg, AGGS)
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip: must be > 1 (the usual value is 3), got {dual_clip}")
-    mb, dt = mask.bool(), _dtype(logp)  # (B, T)
-    lp = torch.where(mb, logp.to(dt), 0.0)  # (B, T); padding can hold anything
-    old = torch.where(mb, old_logp.detach().to(dt), 0.0)  # (B, T)
+    on, dt = mask.bool(), _dtype(logp)  # (B, T)
+    lp = torch.where(on, logp.to(dt), 0.0)  # (B, T); padding can hold anything
+    old = torch.where(on, old_logp.detach().to(dt), 0.0)  # (B, T)
     adv = advantages.detach().to(dt)[:, None]  # (B, 1)
     tok_log_ratio = lp - old  # (B, T)
     if ratio_level == "token":
         log_ratio = tok_log_ratio
     else:  # GSPO-token: the value is log s_i on every token, the gradient flows through each token's lp
-        log_s = tok_log_ratio.sum(-1) / mb.sum(-1).clamp(min=1)  # (B,)
+        log_s = tok_log_ratio.sum(-1) / on.sum(-1).clamp(min=1)  # (B,)
         log_s = log_s.detach()[:, None] + lp - lp.detach()  # (B, T)
-        log_ratio = torch.where(mb, log_s, 0.0)
+        log_ratio = torch.where(on, log_s, 0.0)
     ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))  # (B, T)
     unclipped = -adv * ratio
     pg = torch.maximum(unclipped, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))  # (B, T)
@@ -178,34 +192,26 @@ def _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_cli
         pg_dual = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
     else:
         pg_dual = pg
-    pg_dual = torch.where(mb, pg_dual, 0.0)
-    loss = _aggregate(pg_dual, mb, agg, num_tokens, num_seqs, norm_len)
+    pg_dual = torch.where(on, pg_dual, 0.0)
+    loss = _aggregate(pg_dual, on, agg, num_tokens, num_seqs, norm_len)
 
     with torch.no_grad():
-        n = mb.sum()
+        n = on.sum()
         n1 = n.clamp(min=1).to(dt)
         one = torch.ones((), dtype=dt, device=logp.device)
         r = tok_log_ratio.clamp(-20.0, 20.0)
         metrics = {
             "train/pg_loss": loss,
             "train/tokens": n,
-            "train/clipfrac_low": ((ratio < 1.0 - clip_low) & (adv < 0) & mb).sum() / n1,
-            "train/clipfrac_high": ((ratio > 1.0 + clip_high) & (adv > 0) & mb).sum() / n1,
-            "train/clipfrac_dual": ((pg_dual < pg) & mb).sum() / n1,
-            "train/ratio_mean": (ratio * mb).sum() / n1,
-            "train/ratio_min": torch.where(n > 0, torch.where(mb, ratio, float("inf")).min(), one),
-            "train/ratio_max": torch.where(n > 0, torch.where(mb, ratio, float("-inf")).max(), one),
-            "train/approx_kl_old": (torch.where(mb, r.exp() - 1 - r, 0.0)).sum() / n1,
+            "train/clipfrac_low": ((ratio < 1.0 - clip_low) & (adv < 0) & on).sum() / n1,
+            "train/clipfrac_high": ((ratio > 1.0 + clip_high) & (adv > 0) & on).sum() / n1,
+            "train/clipfrac_dual": ((pg_dual < pg) & on).sum() / n1,
+            "train/ratio_mean": (ratio * on).sum() / n1,
+            "train/ratio_min": torch.where(n > 0, torch.where(on, ratio, float("inf")).min(), one),
+            "train/ratio_max": torch.where(n > 0, torch.where(on, ratio, float("-inf")).max(), one),
+            "train/approx_kl_old": (torch.where(on, r.exp() - 1 - r, 0.0)).sum() / n1,
         }
     return loss, metrics
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                ratio_level="token", agg="token-mean", num_tokens=None, num_seqs=None, norm_len=None):
-    """Clipped GRPO (ratio_level="token") or GSPO ("sequence") surrogate -> (loss, metrics)."""
-    loss, metrics = _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
-                                 ratio_level, agg, num_tokens, num_seqs, norm_len)
-    return loss, _floats(metrics)
 
 
 def _llds_loss(logp, old_logp, advantages, mask, gate, coef, answer_mask, answer_coef, num_tokens):
@@ -215,22 +221,20 @@ def _llds_loss(logp, old_logp, advantages, mask, gate, coef, answer_mask, answer
         _check("answer_mask", answer_mask, logp.shape)
     elif answer_coef is not None:
         raise ValueError("answer_mask: required when answer_coef is given (1 on the answer span's tokens)")
-    mb = mask.bool()  # (B, T)
+    on = mask.bool()  # (B, T)
     dt = _dtype(logp)
-    delta = torch.where(mb, old_logp.detach().to(dt) - logp.to(dt), 0.0)  # (B, T); > 0: likelihood fell
-    keep = mb & (advantages.detach() >= 0)[:, None]  # (B, T) preserving set
+    delta = torch.where(on, old_logp.detach().to(dt) - logp.to(dt), 0.0)  # (B, T); > 0: likelihood fell
+    keep = on & (advantages.detach() >= 0)[:, None]  # (B, T) preserving set
     with torch.no_grad():
-        # Actions: maximal runs of mask tokens. Id k = 1, 2, ... numbers a row's runs; 0 = off the mask.
-        start = mb & ~torch.nn.functional.pad(mb[:, :-1], (1, 0), value=False)  # (B, T) first token of a run
-        run_id = start.long().cumsum(-1)  # (B, T)
-        act_id = torch.where(mb, run_id if gate == "action" else torch.ones_like(run_id), 0)  # (B, T)
-        first = start if gate == "action" else start & (run_id == 1)  # (B, T) first token of an action
-        sums = delta.new_zeros(mb.shape[0], mb.shape[1] + 1).scatter_add_(1, act_id, delta.detach())  # (B, T+1)
+        act_id, first = actions(on)  # (B, T) x2
+        if gate == "response":  # the whole response is one action
+            act_id, first = (act_id > 0).long(), first & (act_id == 1)
+        sums = action_sums(delta.detach(), act_id)  # (B, T+1)
         g = (sums.gather(1, act_id) > 0) & keep  # (B, T) gate of each token's action, off the mask False
     c = coef
     if answer_mask is not None and answer_coef is not None:
         c = torch.full_like(delta, coef).masked_fill_(answer_mask.bool(), min(answer_coef, coef))  # (B, T)
-    loss = (c * torch.where(g, torch.relu(delta), 0.0)).sum() / _denom(num_tokens, mb)
+    loss = (c * torch.where(g, torch.relu(delta), 0.0)).sum() / _denom(num_tokens, on)
 
     with torch.no_grad():
         n_keep = keep.sum()
@@ -247,23 +251,16 @@ def _llds_loss(logp, old_logp, advantages, mask, gate, coef, answer_mask, answer
     return loss, metrics
 
 
-def llds_loss(logp, old_logp, advantages, mask, gate="action", coef=0.2, answer_mask=None, answer_coef=None,
-              num_tokens=None):
-    """LLDS likelihood-preserving penalty (SPEC 5) -> (loss, metrics). No ratio, no clipping."""
-    loss, metrics = _llds_loss(logp, old_logp, advantages, mask, gate, coef, answer_mask, answer_coef,
-                               num_tokens)
-    return loss, _floats(metrics)
-
-
 def compute_loss(logp, old_logp, advantages, mask, *, ref_logp=None, entropy=None, clip_low=0.2,
                  clip_high=0.2, dual_clip=None, ratio_level="token", agg="token-mean", kl_coef=0.0,
                  kl_kind="k3", ent_coef=0.0, llds_coef=0.0, llds_gate="action", answer_mask=None,
                  answer_coef=None, num_tokens=None, num_seqs=None, norm_len=None):
-    """L = PG - ent_coef * H + kl_coef * KL + L_LLDS (SPEC 4). Each term off at coefficient 0, adding nothing."""
+    """L = PG - ent_coef * H + kl_coef * KL + L_LLDS (docs/protocol.md §4). Each term off at coefficient 0, adding
+    nothing."""
     loss, metrics = _policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
                                  ratio_level, agg, num_tokens, num_seqs, norm_len)
-    mb = mask.bool()
-    n1 = mb.sum().clamp(min=1)
+    on = mask.bool()
+    n1 = on.sum().clamp(min=1)
     if kl_coef and ref_logp is None:
         raise ValueError("ref_logp: required when kl_coef != 0 (log-probs of the frozen reference model)")
     if ent_coef and entropy is None:
@@ -271,17 +268,17 @@ def compute_loss(logp, old_logp, advantages, mask, *, ref_logp=None, entropy=Non
     if ref_logp is not None:
         _check("ref_logp", ref_logp, logp.shape)
         # Zeroed inputs (not outputs) at padding: 0 * exp(inf) in backward would be NaN.
-        lp, ref = torch.where(mb, logp.to(_dtype(logp)), 0.0), torch.where(mb, ref_logp.detach(), 0.0)
+        lp, ref = torch.where(on, logp.to(_dtype(logp)), 0.0), torch.where(on, ref_logp.detach(), 0.0)
         kl = kl_penalty(lp, ref.to(lp.dtype), kl_kind)  # (B, T)
         metrics["train/kl_ref"] = kl.detach().sum() / n1
         if kl_coef:
-            loss = loss + kl_coef * kl.sum() / _denom(num_tokens, mb)
+            loss = loss + kl_coef * kl.sum() / _denom(num_tokens, on)
     if entropy is not None:
         _check("entropy", entropy, logp.shape)
-        ent = torch.where(mb, entropy, 0.0)  # (B, T)
+        ent = torch.where(on, entropy, 0.0)  # (B, T)
         metrics["train/entropy"] = ent.detach().sum() / n1
         if ent_coef:
-            loss = loss - ent_coef * ent.sum() / _denom(num_tokens, mb)
+            loss = loss - ent_coef * ent.sum() / _denom(num_tokens, on)
     if llds_coef:
         llds, llds_metrics = _llds_loss(logp, old_logp, advantages, mask, llds_gate, llds_coef, answer_mask,
                                         answer_coef, num_tokens)
@@ -289,3 +286,22 @@ def compute_loss(logp, old_logp, advantages, mask, *, ref_logp=None, entropy=Non
         metrics.update(llds_metrics)
     metrics["train/loss"] = loss
     return loss, _floats(metrics)
+
+
+# How each metric of compute_loss combines over the micro-batches of a mini-batch, the mini-batches (optimiser
+# steps) of a training step and the ranks; train.update applies it, and every key compute_loss returns is here:
+#   "sum"            loss terms and counts: added up within a mini-batch (micro-batches and ranks), then averaged
+#                    over the step's optimiser steps;
+#   "max" / "min"    over every micro-batch of every rank (a micro-batch without tokens adds nothing);
+#   another key      a token mean: averaged weighted by that count (train/tokens: the micro-batch's mask tokens).
+# The LLD monitor's metrics (train.py) are ratios of sums too (utils.Meter: numerator and denominator each summed
+# over ranks).
+REDUCE = {
+    "train/loss": "sum", "train/pg_loss": "sum", "llds/penalty": "sum",
+    "train/tokens": "sum", "llds/preserving_tokens": "sum", "llds/actions": "sum", "llds/gated_actions": "sum",
+    "train/ratio_max": "max", "train/ratio_min": "min",
+    "train/clipfrac_low": "train/tokens", "train/clipfrac_high": "train/tokens", "train/clipfrac_dual": "train/tokens",
+    "train/ratio_mean": "train/tokens", "train/approx_kl_old": "train/tokens", "train/kl_ref": "train/tokens",
+    "train/entropy": "train/tokens",
+    "llds/gated_share": "llds/actions", "llds/mean_pos_delta": "llds/preserving_tokens",
+}

@@ -1,5 +1,7 @@
-"""Batched multi-turn search rollouts (SPEC 1.2) with a KV cache kept across turns, and the log-probs of
-finished rollouts for training.
+"""Batched multi-turn search rollouts (docs/protocol.md §1.2) with a KV cache kept across turns, and the log-probs of
+finished rollouts for training. The file reads protocol first: the settings, `Trajectory`, the turn loop
+(`rollout`) and the protocol step after each turn (`_act`); then sampling; then the cache engine (`_Engine`,
+which `rollout` drives with three calls per turn); then the training side (`collate`, `score`).
 
 One rollout, per trajectory: the chat-wrapped prompt, then up to `max_turns` turns that may search, then one
 final turn. A turn ends at the first `</search>` or `</answer>` in the turn's text (decoded without special
@@ -12,7 +14,7 @@ response (Search-R1 decodes turns without special tokens and re-tokenises them).
 0 and log-prob 0. The action and the answer are read from the turn decoded without special tokens, so
 `Par<|endoftext|>is` answers `Paris`, as in Search-R1.
 
-Engine (what `rollout` does, and why it is fast):
+Engine (what `_Engine` does for `rollout`, and why it is fast):
   * One DynamicCache for all live rows. Prompts are left-padded; `attention_mask` covers the whole cache and
     has 0s wherever a row has no token (padding, or a step in which the row was idle); `position_ids` count a
     row's real tokens, so rotary positions are exactly those of the unpadded sequence (and of `collate`).
@@ -53,7 +55,7 @@ the same text (prompt, turns cut at the tag, observations, invalid-action messag
     after, 7) stays in the response with mask 1; Search-R1's responses never hold one.
  4. A search with an empty query (`<search> </search>`) is a valid action, but no query is sent: the
     observation is `<information></information>` with no documents and it does not count as a search.
- 5. Sampling log-probs are `log_softmax(logits / temperature)` at the sampled token, before top-k/top-p
+ 5. Sampling log-probs are `log_softmax(logits / temperature)` at the sampled token, before top-p
     filtering: exactly what `response_logprobs` recomputes for training.
  6. The invalid-action message is never truncated; `max_obs_tokens` applies to retrieved observations, and a
     truncated one keeps its closing `</information>` (Search-R1 cuts every observation at the cap, tag or not).
@@ -77,21 +79,20 @@ from search_env import INVALID_ACTION_MSG, format_observation, parse_action
 TAGS = ("</search>", "</answer>")
 OBS_TAIL = "</information>\n\n"
 _TAG_RE = re.compile("|".join(map(re.escape, TAGS)))
-_PREFILL_TOKENS = 4096  # new tokens per prefill forward (see _prefill)
-_TAIL_TOKENS = 16  # decode window for stop detection; a tag is 9 ASCII chars, so at most 9 tokens
 
 
 @dataclass
 class RolloutConfig:
-    max_turns: int = 4  # turns that may search; one final turn (no search executed) follows
-    max_turn_tokens: int = 500
-    max_obs_tokens: int = 500
-    topk: int = 3
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    greedy: bool = False
-    max_context: int = 4096  # cap on prompt + response tokens
+    """The rollout settings. train.Config is their one definition, with the help and the defaults
+    (train.rollout_config builds this from it); here every field is required."""
+    max_turns: int  # turns that may search; one final turn (no search executed) follows
+    max_turn_tokens: int  # tokens the policy may write per turn
+    max_obs_tokens: int  # tokens per retrieved observation (truncated, closing tag kept)
+    max_context: int  # cap on prompt + response tokens
+    topk: int  # passages per search
+    temperature: float  # sampling temperature (log-probs use logits / temperature)
+    top_p: float  # nucleus sampling mass; 1 = off
+    greedy: bool  # argmax decoding (evaluation); temperature and top_p then choose nothing
 
 
 @dataclass
@@ -99,12 +100,11 @@ class Trajectory:
     group_id: int
     prompt_ids: list[int]
     response_ids: list[int]
-    loss_mask: list[int]
-    turn_spans: list[tuple[int, int]]
-    sample_logprobs: list[float]
+    loss_mask: list[int]  # 1 on tokens the policy sampled, 0 on observations and invalid-action messages
+    turn_spans: list[tuple[int, int]]  # [start, end) of each turn's sampled tokens in response_ids
+    sample_logprobs: list[float]  # log_softmax(logits / temperature) of each sampled token; 0 elsewhere
     num_searches: int
     num_valid_actions: int
-    answered: bool
     answer: str | None  # content of the answer action (model tokens only); None when it never answered
     text: str
 
@@ -117,6 +117,156 @@ def wrap_prompt(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+# ------------------------------------------------------------------------------------------------- the protocol
+
+@torch.inference_mode()
+def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retriever, cfg: RolloutConfig,
+            generator: torch.Generator | None = None) -> list[Trajectory]:
+    """One trajectory per prompt (already repeated G times by the caller), in the same order."""
+    _check(cfg, tokenizer, len(prompts), len(group_ids))
+    device = next(model.parameters()).device
+    if getattr(getattr(model, "config", None), "use_sliding_window", False):
+        raise ValueError("rollout's KV cache does not support sliding-window attention: load the model with "
+                         "use_sliding_window=False")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but the model on {device}: "
+                         "create it with torch.Generator(device=<model device>)")
+    obs_ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in
+               (("invalid", INVALID_ACTION_MSG), ("tail", OBS_TAIL), ("empty", format_observation([])))}
+
+    wrapped = {p: wrap_prompt(tokenizer, p) for p in dict.fromkeys(prompts)}  # G samples share a prompt
+    trajs = [_Traj(list(wrapped[p])) for p in prompts]
+    for i, t in enumerate(trajs):
+        t.pending = list(t.prompt_ids)
+        if len(t.prompt_ids) >= cfg.max_context:
+            raise ValueError(f"prompt {i} has {len(t.prompt_ids)} tokens >= max_context={cfg.max_context}: "
+                             "raise RolloutConfig.max_context or shorten the prompt")
+    engine = _Engine(model, tokenizer, cfg, generator, trajs)  # the KV cache of the live rows (below)
+    for turn in range(1, cfg.max_turns + 2):
+        live = engine.live_rows()  # the trajectories not done, in the engine's row order
+        engine.generate_turn(live, final=turn == cfg.max_turns + 1)  # each gets its turn (add_turn, stop)
+        _act(trajs, live, tokenizer, retriever, cfg, turn, obs_ids)  # done, or an observation appended
+        if not engine.drop_done():
+            break
+
+    result = []
+    for t, g in zip(trajs, group_ids):
+        text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
+        result.append(Trajectory(
+            group_id=int(g), prompt_ids=t.prompt_ids, response_ids=t.response_ids, loss_mask=t.loss_mask,
+            turn_spans=t.spans, sample_logprobs=t.logprobs, num_searches=t.searches, num_valid_actions=t.valid,
+            answer=t.answer, text=text))
+    return result
+
+
+def _check(cfg: RolloutConfig, tokenizer, n_prompts: int, n_groups: int):
+    if n_prompts != n_groups:
+        raise ValueError(f"rollout got {n_prompts} prompts but {n_groups} group ids: pass one group id per prompt")
+    if cfg.temperature <= 0:
+        raise ValueError(f"RolloutConfig.temperature={cfg.temperature}: must be > 0 (use greedy=True)")
+    if not 0 < cfg.top_p <= 1 or cfg.max_turns < 0 or cfg.max_turn_tokens < 1:
+        raise ValueError(f"bad RolloutConfig {cfg}: need 0 < top_p <= 1, max_turns >= 0, max_turn_tokens >= 1")
+    tail = len(tokenizer(OBS_TAIL, add_special_tokens=False)["input_ids"])
+    if cfg.max_obs_tokens <= tail:
+        raise ValueError(f"RolloutConfig.max_obs_tokens={cfg.max_obs_tokens} cannot hold the closing "
+                         f"'</information>' ({tail} tokens) and any document: raise it")
+
+
+def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: RolloutConfig, turn: int, obs_ids: dict):
+    """The protocol step after turn `turn` for rows `live`, as Search-R1's `execute_predictions`: done, or an
+    observation appended (loss mask 0). The turn is read as Search-R1 reads it, decoded without special tokens.
+    Every turn that may search makes one retriever call with all of its queries, none included, as Search-R1's
+    `batch_search` does."""
+    final = turn == cfg.max_turns + 1
+    queries, asking = [], []
+    for i in live:
+        t = trajs[i]
+        text = tokenizer.decode(t.response_ids[t.spans[-1][0]:], skip_special_tokens=True)
+        action, content = parse_action(text)
+        t.valid += action is not None
+        if action == "answer":
+            t.done = True
+            t.answer = content
+            continue
+        if final or t.stop == "context":  # the final turn executes nothing
+            t.done = True
+            continue
+        tag = _TAG_RE.search(text)
+        glued = text[tag.end():] if tag else ""  # what the tag-completing token wrote after the tag
+        if action == "search" and content:
+            queries.append(content)
+            asking.append((i, glued))
+        else:  # an empty query retrieves nothing; no action (EOS and the turn cap included): the message
+            key, obs = ("empty", format_observation([])) if action == "search" else ("invalid", INVALID_ACTION_MSG)
+            ids = tokenizer(_unglued(obs, glued), add_special_tokens=False)["input_ids"] if glued else obs_ids[key]
+            t.add_observation(ids, cfg)
+    if final:
+        return
+    try:
+        hits = retriever.search(queries, cfg.topk)
+        if len(hits) != len(queries):
+            raise ValueError(f"it returned {len(hits)} result lists")
+    except Exception as e:
+        raise RuntimeError(f"retriever failed in turn {turn} on {len(queries)} queries: {e}") from e
+    tail = obs_ids["tail"]
+    texts = [_unglued(format_observation(h), glued) for (_, glued), h in zip(asking, hits)]
+    for (i, _), ids in zip(asking, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
+        trajs[i].searches += 1
+        if len(ids) > cfg.max_obs_tokens:
+            ids = ids[:cfg.max_obs_tokens - len(tail)] + tail  # truncated, closing tag kept
+        trajs[i].add_observation(ids, cfg)
+
+
+def _unglued(obs: str, glued: str) -> str:
+    """An observation that follows a turn whose tag-completing token also wrote `glued` (e.g. Qwen's `>\\n\\n`): the
+    characters that token already wrote are not written again, so the text equals Search-R1's, which cuts the turn
+    at the tag (`_postprocess_responses`) and then appends the whole observation. Otherwise both texts hold
+    `glued` (docstring, 3)."""
+    return obs[len(glued):] if glued and obs.startswith(glued) else obs
+
+
+@dataclass
+class _Traj:  # mutable record while rolling out
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    searches: int = 0
+    valid: int = 0
+    answer: str | None = None  # from the model's answer action, never from observation text (which can hold tags)
+    done: bool = False
+    pending: list[int] = field(default_factory=list)  # ids appended but not yet fed to the model
+    stop: str = ""  # why the last turn ended: tag / eos / turn_cap / context
+
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    def add_turn(self, ids: list[int], logprobs: list[float]):
+        self.spans.append((len(self.response_ids), len(self.response_ids) + len(ids)))
+        self.response_ids += ids
+        self.loss_mask += [1] * len(ids)
+        self.logprobs += logprobs
+        self.pending = ids[-1:]  # the other tokens were fed while decoding
+
+    def add_observation(self, ids: list[int], cfg: RolloutConfig):
+        # An EOS that ended the turn leaves the context when something follows it: Search-R1 decodes the turn
+        # without special tokens and re-tokenises it. It was sampled last, so it was never fed to the model.
+        eos = self.stop == "eos"
+        if self.length() - eos + len(ids) >= cfg.max_context:  # no room left to answer after it (docstring, 7)
+            self.done = True
+            return
+        if eos:
+            s, e = self.spans[-1]
+            self.spans[-1] = (s, e - 1)
+            del self.response_ids[-1], self.loss_mask[-1], self.logprobs[-1]
+            self.pending = []
+        self.response_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.pending += ids
+
+
 # ------------------------------------------------------------------------------------------------- sampling
 
 def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +276,6 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
     if cfg.greedy:
         tok = scaled.max(dim=-1).indices  # (b,) first maximum, as argmax; one pass, ~2x faster on CPU
     else:
-        if cfg.top_k > 0:
-            kth = torch.topk(scaled, min(cfg.top_k, scaled.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         if cfg.top_p < 1.0:
             srt, order = torch.sort(scaled, dim=-1, descending=True)  # (b, V)
             p = torch.softmax(srt, dim=-1)
@@ -138,7 +285,138 @@ def sample(logits: torch.Tensor, cfg: RolloutConfig, generator=None) -> tuple[to
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
-# ------------------------------------------------------------------------------------------------- engine
+# ------------------------------------------------------------------------------------------------- the engine
+
+_PREFILL_TOKENS = 4096  # new tokens per prefill forward (see _prefill)
+_TAIL_TOKENS = 16  # decode window for stop detection; a tag is 9 ASCII chars, so at most 9 tokens
+
+
+class _Engine:
+    """The KV cache of a rollout's live rows across its turns (module docstring, "Engine"). `generate_turn`
+    prefills each row's new chunk and decodes until every row has stopped, parking stopped rows; `drop_done`
+    then keeps the rows that go on, and the next turn merges them back into one cache."""
+
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, generator, trajs: list[_Traj]):
+        self.model, self.tokenizer, self.cfg, self.generator, self.trajs = model, tokenizer, cfg, generator, trajs
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.eos_set = _eos_ids(model, tokenizer)
+        self.eos = torch.tensor(sorted(self.eos_set), dtype=torch.long, device=self.device)
+        self.ends_tag = None  # (V,) bool, tokens that can complete a tag: built once the vocabulary size is known
+        self.pieces, self.keeps = [], []  # the previous turn's cache pieces, and the rows of each that continue
+
+    def live_rows(self) -> list[int]:
+        if not self.pieces:
+            return list(range(len(self.trajs)))
+        return [p.rows[r] for p, k in zip(self.pieces, self.keeps) for r in k]
+
+    def generate_turn(self, live: list[int], final: bool) -> None:
+        """One turn of every row in `live` (the order of live_rows): each row's sampled ids and log-probs are
+        appended (_Traj.add_turn) and its .stop says why the turn ended (tag / eos / turn_cap / context)."""
+        trajs, cfg, device = self.trajs, self.cfg, self.device
+        chunks = [trajs[i].pending for i in live]
+        for i in live:
+            trajs[i].pending = []
+        budget = torch.tensor([min(cfg.max_turn_tokens, cfg.max_context - trajs[i].length()) for i in live],
+                              device=device)  # (b,) tokens this row may sample in this turn
+        T = int(budget.max())
+        C = max(len(c) for c in chunks)
+        if not self.pieces:  # turn 1: the cache starts empty
+            piece = _Rows(live, _new_cache(room=T), torch.zeros(len(live), 0, dtype=torch.long, device=device),
+                          torch.zeros(len(live), dtype=torch.long, device=device))
+        else:  # one piece (rows in `live` order) with room for the whole turn: no reallocation while decoding
+            piece = _merge(self.pieces, self.keeps, room=C + T)
+        # prefill the new chunks, left-padded so every row's last column is real
+        inp = torch.tensor([[self.pad_id] * (C - len(c)) + c for c in chunks], device=device)  # (b, C)
+        new_mask = torch.tensor([[0] * (C - len(c)) + [1] * len(c) for c in chunks], device=device)  # (b, C)
+        pos_ids = piece.pos[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)  # (b, C)
+        piece.pos = piece.pos + new_mask.sum(1)
+        piece.mask = torch.cat([piece.mask, new_mask], dim=1)
+        logits = _prefill(self.model, piece, inp, pos_ids, room=T)  # (b, V)
+        if self.ends_tag is None:
+            self.ends_tag = _tag_ending_tokens(self.tokenizer, logits.shape[-1], device)
+        self.pieces = self._decode(piece, logits, budget, final)
+
+    def drop_done(self) -> bool:
+        """Keep the rows whose trajectory goes on (the next turn's merge closes the holes); False when none does."""
+        keeps = [[r for r, i in enumerate(p.rows) if not self.trajs[i].done] for p in self.pieces]
+        if not any(keeps):
+            return False
+        self.pieces, self.keeps = map(list, zip(*[(p, k) for p, k in zip(self.pieces, keeps) if k]))
+        return True
+
+    def _decode(self, piece: _Rows, logits: torch.Tensor, budget: torch.Tensor, final: bool) -> list[_Rows]:
+        """Sample one token per running row per step until every row of `piece` has stopped. Returns the turn's
+        pieces: those parked along the way (rows that stopped and may continue), then the last decode batch."""
+        trajs, cfg, device = self.trajs, self.cfg, self.device
+        parked = []
+        b, T = len(piece.rows), int(budget.max())
+        buf_tok = torch.full((b, T), self.pad_id, dtype=torch.long, device=device)  # (b, T) this turn's tokens
+        buf_lp = torch.zeros(b, T, device=device)  # (b, T)
+        running = torch.ones(b, dtype=torch.bool, device=device)  # (b,)
+        n_idle = 0
+        for step in range(T):
+            tok, lp = sample(logits, cfg, self.generator)  # (b,), (b,)
+            buf_tok[:, step], buf_lp[:, step] = tok, lp
+            cand = running & (self.ends_tag[tok] | torch.isin(tok, self.eos) | (budget <= step + 1))  # (b,)
+            cand_rows = cand.nonzero().squeeze(1).tolist()  # the one host sync per step
+            if cand_rows:
+                stopped = self._stopped(piece, cand_rows, step, buf_tok, buf_lp, budget)
+                if stopped:
+                    running[stopped] = False
+                    n_idle += len(stopped)
+            if n_idle == b:
+                break
+            if n_idle * 4 >= b:  # park the idle rows: from now on they cost nothing
+                flags = running.tolist()
+                run_rows = [r for r in range(b) if flags[r]]
+                # rows that may continue next turn keep their cache (an EOS without an action is an invalid
+                # action and goes on); full context / final turn: dropped
+                cont = [r for r in range(b) if not flags[r] and not final and trajs[piece.rows[r]].stop != "context"]
+                if cont:
+                    parked.append(_select(_Rows(piece.rows, _shallow_copy(piece.cache), piece.mask, piece.pos),
+                                          cont, room=False))
+                keep = torch.tensor(run_rows, device=device)
+                piece = _select(piece, run_rows)
+                tok, buf_tok, buf_lp, budget = tok[keep], buf_tok[keep], buf_lp[keep], budget[keep]
+                running = running[keep]
+                b, n_idle = len(run_rows), 0
+            # feed the sampled tokens; idle rows get pad with mask 0 (a hole in their cache row)
+            col = running.long()[:, None]  # (b, 1)
+            piece.mask = torch.cat([piece.mask, col], dim=1)
+            inp = torch.where(running, tok, torch.full_like(tok, self.pad_id))[:, None]  # (b, 1)
+            out = self.model(input_ids=inp, attention_mask=piece.mask, position_ids=piece.pos[:, None],
+                             past_key_values=piece.cache, use_cache=True, logits_to_keep=1)
+            piece.cache, logits = out.past_key_values, out.logits[:, -1]
+            piece.pos = piece.pos + col[:, 0]
+        return parked + [piece]
+
+    def _stopped(self, piece: _Rows, cand_rows: list[int], step: int, buf_tok, buf_lp, budget) -> list[int]:
+        """Which candidate rows stop at `step` (a tag in the turn's text decoded without special tokens, EOS, or
+        the row's budget); their turns are recorded (add_turn, .stop)."""
+        lo = max(0, step + 1 - _TAIL_TOKENS)
+        tails = buf_tok[cand_rows, lo:step + 1].tolist()
+        budgets = budget[cand_rows].tolist()
+        stopped = []
+        for r, tail, bud in zip(cand_rows, tails, budgets):
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)  # the text Search-R1 cuts at the tag
+            if any(tag in text for tag in TAGS):
+                why = "tag"
+            elif tail[-1] in self.eos_set:
+                why = "eos"
+            elif step + 1 >= bud:
+                why = "turn_cap" if bud == self.cfg.max_turn_tokens else "context"
+            else:
+                continue  # a '>' that closes no tag
+            stopped.append(r)
+            self.trajs[piece.rows[r]].stop = why
+        if stopped:
+            ids = buf_tok[stopped, :step + 1].tolist()
+            lps = buf_lp[stopped, :step + 1].tolist()
+            for r, tid, tlp in zip(stopped, ids, lps):
+                self.trajs[piece.rows[r]].add_turn(tid, tlp)
+        return stopped
+
 
 @dataclass
 class _Rows:
@@ -318,246 +596,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif e is not None:
             ids.update(int(x) for x in e)
     return ids
-
-
-@dataclass
-class _Traj:  # mutable record while rolling out
-    prompt_ids: list[int]
-    response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    searches: int = 0
-    valid: int = 0
-    answered: bool = False
-    answer: str | None = None  # from the model's answer action, never from observation text (which can hold tags)
-    done: bool = False
-    pending: list[int] = field(default_factory=list)  # ids appended but not yet fed to the model
-    stop: str = ""  # why the last turn ended: tag / eos / turn_cap / context
-
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.response_ids)
-
-    def add_turn(self, ids: list[int], logprobs: list[float]):
-        self.spans.append((len(self.response_ids), len(self.response_ids) + len(ids)))
-        self.response_ids += ids
-        self.loss_mask += [1] * len(ids)
-        self.logprobs += logprobs
-        self.pending = ids[-1:]  # the other tokens were fed while decoding
-
-    def add_observation(self, ids: list[int], cfg: RolloutConfig):
-        # An EOS that ended the turn leaves the context when something follows it: Search-R1 decodes the turn
-        # without special tokens and re-tokenises it. It was sampled last, so it was never fed to the model.
-        eos = self.stop == "eos"
-        if self.length() - eos + len(ids) >= cfg.max_context:  # no room left to answer after it (docstring, 7)
-            self.done = True
-            return
-        if eos:
-            s, e = self.spans[-1]
-            self.spans[-1] = (s, e - 1)
-            del self.response_ids[-1], self.loss_mask[-1], self.logprobs[-1]
-            self.pending = []
-        self.response_ids += ids
-        self.loss_mask += [0] * len(ids)
-        self.logprobs += [0.0] * len(ids)
-        self.pending += ids
-
-
-def _check(cfg: RolloutConfig, tokenizer, n_prompts: int, n_groups: int):
-    if n_prompts != n_groups:
-        raise ValueError(f"rollout got {n_prompts} prompts but {n_groups} group ids: pass one group id per prompt")
-    if cfg.temperature <= 0:
-        raise ValueError(f"RolloutConfig.temperature={cfg.temperature}: must be > 0 (use greedy=True)")
-    if not 0 < cfg.top_p <= 1 or cfg.top_k < 0 or cfg.max_turns < 0 or cfg.max_turn_tokens < 1:
-        raise ValueError(f"bad RolloutConfig {cfg}: need 0 < top_p <= 1, top_k >= 0, max_turns >= 0, "
-                         "max_turn_tokens >= 1")
-    tail = len(tokenizer(OBS_TAIL, add_special_tokens=False)["input_ids"])
-    if cfg.max_obs_tokens <= tail:
-        raise ValueError(f"RolloutConfig.max_obs_tokens={cfg.max_obs_tokens} cannot hold the closing "
-                         f"'</information>' ({tail} tokens) and any document: raise it")
-
-
-@torch.inference_mode()
-def rollout(model, tokenizer, prompts: list[str], group_ids: list[int], retriever, cfg: RolloutConfig,
-            generator: torch.Generator | None = None) -> list[Trajectory]:
-    """One trajectory per prompt (already repeated G times by the caller), in the same order."""
-    _check(cfg, tokenizer, len(prompts), len(group_ids))
-    device = next(model.parameters()).device
-    if getattr(getattr(model, "config", None), "use_sliding_window", False):
-        raise ValueError("rollout's KV cache does not support sliding-window attention: load the model with "
-                         "use_sliding_window=False")
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"the generator is on {generator.device} but the model on {device}: "
-                         "create it with torch.Generator(device=<model device>)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    eos_set = _eos_ids(model, tokenizer)
-    eos = torch.tensor(sorted(eos_set), dtype=torch.long, device=device)
-    obs_ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in
-               (("invalid", INVALID_ACTION_MSG), ("tail", OBS_TAIL), ("empty", format_observation([])))}
-
-    wrapped = {p: wrap_prompt(tokenizer, p) for p in dict.fromkeys(prompts)}  # G samples share a prompt
-    trajs = [_Traj(list(wrapped[p])) for p in prompts]
-    for i, t in enumerate(trajs):
-        t.pending = list(t.prompt_ids)
-        if len(t.prompt_ids) >= cfg.max_context:
-            raise ValueError(f"prompt {i} has {len(t.prompt_ids)} tokens >= max_context={cfg.max_context}: "
-                             "raise RolloutConfig.max_context or shorten the prompt")
-    pieces, keeps = [], []  # the previous turn's cache pieces, and the rows of each that continue
-    ends_tag = None
-    for turn in range(1, cfg.max_turns + 2):
-        final = turn == cfg.max_turns + 1
-        live = [p.rows[r] for p, k in zip(pieces, keeps) for r in k] if pieces else list(range(len(trajs)))
-        chunks = [trajs[i].pending for i in live]
-        for i in live:
-            trajs[i].pending = []
-        budget = torch.tensor([min(cfg.max_turn_tokens, cfg.max_context - trajs[i].length()) for i in live],
-                              device=device)  # (b,) tokens this row may sample in this turn
-        T = int(budget.max())
-        C = max(len(c) for c in chunks)
-        if not pieces:  # turn 1: the cache starts empty
-            piece = _Rows(live, _new_cache(room=T), torch.zeros(len(live), 0, dtype=torch.long, device=device),
-                          torch.zeros(len(live), dtype=torch.long, device=device))
-        else:  # one piece (rows in `live` order) with room for the whole turn: no reallocation while decoding
-            piece = _merge(pieces, keeps, room=C + T)
-        # prefill the new chunks, left-padded so every row's last column is real
-        inp = torch.tensor([[pad_id] * (C - len(c)) + c for c in chunks], device=device)  # (b, C)
-        new_mask = torch.tensor([[0] * (C - len(c)) + [1] * len(c) for c in chunks], device=device)  # (b, C)
-        pos_ids = piece.pos[:, None] + (new_mask.cumsum(1) - 1).clamp(min=0)  # (b, C)
-        piece.pos = piece.pos + new_mask.sum(1)
-        piece.mask = torch.cat([piece.mask, new_mask], dim=1)
-        logits = _prefill(model, piece, inp, pos_ids, room=T)  # (b, V)
-        if ends_tag is None:
-            ends_tag = _tag_ending_tokens(tokenizer, logits.shape[-1], device)
-
-        parked = []  # pieces split off during the turn (rows that stopped and will continue)
-        b = len(live)
-        buf_tok = torch.full((b, T), pad_id, dtype=torch.long, device=device)  # (b, T) this turn's tokens
-        buf_lp = torch.zeros(b, T, device=device)  # (b, T)
-        running = torch.ones(b, dtype=torch.bool, device=device)  # (b,)
-        n_idle = 0
-        for step in range(T):
-            tok, lp = sample(logits, cfg, generator)  # (b,), (b,)
-            buf_tok[:, step], buf_lp[:, step] = tok, lp
-            cand = running & (ends_tag[tok] | torch.isin(tok, eos) | (budget <= step + 1))  # (b,)
-            cand_rows = cand.nonzero().squeeze(1).tolist()  # the one host sync per step
-            if cand_rows:
-                lo = max(0, step + 1 - _TAIL_TOKENS)
-                tails = buf_tok[cand_rows, lo:step + 1].tolist()
-                budgets = budget[cand_rows].tolist()
-                stopped = []
-                for r, tail, bud in zip(cand_rows, tails, budgets):
-                    text = tokenizer.decode(tail, skip_special_tokens=True)  # the text Search-R1 cuts at the tag
-                    if any(tag in text for tag in TAGS):
-                        why = "tag"
-                    elif tail[-1] in eos_set:
-                        why = "eos"
-                    elif step + 1 >= bud:
-                        why = "turn_cap" if bud == cfg.max_turn_tokens else "context"
-                    else:
-                        continue  # a '>' that closes no tag
-                    stopped.append(r)
-                    trajs[piece.rows[r]].stop = why
-                if stopped:
-                    ids = buf_tok[stopped, :step + 1].tolist()
-                    lps = buf_lp[stopped, :step + 1].tolist()
-                    for r, tid, tlp in zip(stopped, ids, lps):
-                        trajs[piece.rows[r]].add_turn(tid, tlp)
-                    running[stopped] = False
-                    n_idle += len(stopped)
-            if n_idle == b:
-                break
-            if n_idle * 4 >= b:  # park the idle rows: from now on they cost nothing
-                flags = running.tolist()
-                run_rows = [r for r in range(b) if flags[r]]
-                # rows that may continue next turn keep their cache (an EOS without an action is an invalid
-                # action and goes on); full context / final turn: dropped
-                cont = [r for r in range(b) if not flags[r] and not final and trajs[piece.rows[r]].stop != "context"]
-                if cont:
-                    parked.append(_select(_Rows(piece.rows, _shallow_copy(piece.cache), piece.mask, piece.pos),
-                                          cont, room=False))
-                keep = torch.tensor(run_rows, device=device)
-                piece = _select(piece, run_rows)
-                tok, buf_tok, buf_lp, budget = tok[keep], buf_tok[keep], buf_lp[keep], budget[keep]
-                running = running[keep]
-                b, n_idle = len(run_rows), 0
-            # feed the sampled tokens; idle rows get pad with mask 0 (a hole in their cache row)
-            col = running.long()[:, None]  # (b, 1)
-            piece.mask = torch.cat([piece.mask, col], dim=1)
-            inp = torch.where(running, tok, torch.full_like(tok, pad_id))[:, None]  # (b, 1)
-            out = model(input_ids=inp, attention_mask=piece.mask, position_ids=piece.pos[:, None],
-                        past_key_values=piece.cache, use_cache=True, logits_to_keep=1)
-            piece.cache, logits = out.past_key_values, out.logits[:, -1]
-            piece.pos = piece.pos + col[:, 0]
-        pieces = parked + [piece]
-
-        _act(trajs, live, tokenizer, retriever, cfg, turn, obs_ids)
-        # drop finished rows, close the holes, continue with one piece
-        keeps = [[r for r, i in enumerate(p.rows) if not trajs[i].done] for p in pieces]
-        if not any(keeps):
-            break
-        pieces, keeps = map(list, zip(*[(p, k) for p, k in zip(pieces, keeps) if k]))
-
-    result = []
-    for t, g in zip(trajs, group_ids):
-        text = tokenizer.decode(t.response_ids, skip_special_tokens=False)
-        result.append(Trajectory(
-            group_id=int(g), prompt_ids=t.prompt_ids, response_ids=t.response_ids, loss_mask=t.loss_mask,
-            turn_spans=t.spans, sample_logprobs=t.logprobs, num_searches=t.searches, num_valid_actions=t.valid,
-            answered=t.answered, answer=t.answer, text=text))
-    return result
-
-
-def _act(trajs: list[_Traj], live: list[int], tokenizer, retriever, cfg: RolloutConfig, turn: int, obs_ids: dict):
-    """The protocol step after turn `turn` for rows `live`, as Search-R1's `execute_predictions`: done, or an
-    observation appended (loss mask 0). The turn is read as Search-R1 reads it, decoded without special tokens.
-    Every turn that may search makes one retriever call with all of its queries, none included, as Search-R1's
-    `batch_search` does."""
-    final = turn == cfg.max_turns + 1
-    queries, asking = [], []
-    for i in live:
-        t = trajs[i]
-        text = tokenizer.decode(t.response_ids[t.spans[-1][0]:], skip_special_tokens=True)
-        action, content = parse_action(text)
-        t.valid += action is not None
-        if action == "answer":
-            t.done = t.answered = True
-            t.answer = content
-            continue
-        if final or t.stop == "context":  # the final turn executes nothing
-            t.done = True
-            continue
-        tag = _TAG_RE.search(text)
-        glued = text[tag.end():] if tag else ""  # what the tag-completing token wrote after the tag
-        if action == "search" and content:
-            queries.append(content)
-            asking.append((i, glued))
-        else:  # an empty query retrieves nothing; no action (EOS and the turn cap included): the message
-            key, obs = ("empty", format_observation([])) if action == "search" else ("invalid", INVALID_ACTION_MSG)
-            ids = tokenizer(_unglued(obs, glued), add_special_tokens=False)["input_ids"] if glued else obs_ids[key]
-            t.add_observation(ids, cfg)
-    if final:
-        return
-    try:
-        hits = retriever.search(queries, cfg.topk)
-        if len(hits) != len(queries):
-            raise ValueError(f"it returned {len(hits)} result lists")
-    except Exception as e:
-        raise RuntimeError(f"retriever failed in turn {turn} on {len(queries)} queries: {e}") from e
-    tail = obs_ids["tail"]
-    texts = [_unglued(format_observation(h), glued) for (_, glued), h in zip(asking, hits)]
-    for (i, _), ids in zip(asking, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
-        trajs[i].searches += 1
-        if len(ids) > cfg.max_obs_tokens:
-            ids = ids[:cfg.max_obs_tokens - len(tail)] + tail  # truncated, closing tag kept
-        trajs[i].add_observation(ids, cfg)
-
-
-def _unglued(obs: str, glued: str) -> str:
-    """An observation that follows a turn whose tag-completing token also wrote `glued` (e.g. Qwen's `>\\n\\n`): the
-    characters that token already wrote are not written again, so the text equals Search-R1's, which cuts the turn
-    at the tag (`_postprocess_responses`) and then appends the whole observation. Otherwise both texts hold
-    `glued` (docstring, 3)."""
-    return obs[len(glued):] if glued and obs.startswith(glued) else obs
 
 
 def _shallow_copy(cache):

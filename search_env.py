@@ -1,7 +1,7 @@
 """The environment the agent acts in: prompt, action parsing, observations, reward, and retrieval
 (BM25 and dense, in process or over HTTP), plus the `index` and `serve` commands.
 
-Protocol (SPEC 1.1-1.3), byte-compatible with Search-R1 because released checkpoints were trained on it:
+Protocol (docs/protocol.md §1.1-§1.3), byte-compatible with Search-R1 because released checkpoints were trained on it:
 the policy writes `<search> q </search>` or `<answer> a </answer>`; a search returns
 `\\n\\n<information>Doc 1(Title: ...) ...</information>\\n\\n`; reward is exact match of the last answer.
 
@@ -155,14 +155,9 @@ def f1_score(pred: str | None, golds: list[str] | str) -> float:
     return best
 
 
-def compute_reward(response_text: str, golds: list[str]) -> float:
-    """Exact match of the last answer in the response (0 when there is none). No format reward (SPEC 1.3)."""
-    return exact_match(extract_answer(response_text), golds)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Corpus access. Dense ids are line numbers of the non-blank lines of corpus.jsonl (SPEC 2); a hit's contents
-# is read back by byte offset (os.pread, thread-safe) so that no corpus is ever held in RAM.
+# Corpus access. Dense ids are line numbers of the non-blank lines of corpus.jsonl (docs/protocol.md §2); a hit's
+# contents is read back by byte offset (os.pread, thread-safe) so that no corpus is ever held in RAM.
 
 def line_offsets(corpus_path, progress: bool = False):
     """int64 (n + 1,): byte offset of each non-blank line, then the file size (a line ends where the next begins)."""
@@ -673,7 +668,7 @@ def _merge_topk(best_s, best_i, scores, base: int, k: int, groups: int = 16):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The /retrieve server (SPEC 2; Search-R1's API). Handler threads parse and validate; all searches run on one
+# The /retrieve server (docs/protocol.md §2; Search-R1's API). Handler threads parse and validate; all searches run on one
 # worker thread, which serializes access to the retriever (Lucene searchers and the encoder are not meant
 # to be shared by many Python threads; batch_search is threaded inside) and keeps the JVM on one thread.
 

@@ -2,8 +2,8 @@
 
 `python toy.py --out DIR [--seed N] [--force]` (or `build(out, seed)`) writes, in under 2 minutes on 2 cores:
 
-    DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (SPEC 2)
-    DIR/train.parquet    Search-R1 schema (SPEC 3), prompts from search_env.make_prompt
+    DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (docs/protocol.md §2)
+    DIR/train.parquet    Search-R1 schema (docs/protocol.md §3), prompts from search_env.make_prompt
     DIR/test.parquet     200 questions: 100 "toy_1hop", 100 "toy_2hop"
     DIR/bm25/            Lucene index of the corpus (search_env.build_bm25_index)
     DIR/model/           tiny Qwen2ForCausalLM + a byte-level BPE Qwen2Tokenizer with a chat template (save_pretrained)

@@ -1,18 +1,26 @@
-"""Train a search agent with GRPO / GSPO + LLDS: rollout, reward, advantage, update, log (SPEC 4-7).
+"""Train a search agent with GRPO / GSPO + LLDS: rollout, reward, advantage, update, log (docs/protocol.md §4-§7).
 
     python train.py                                   # the toy demo: builds toy_world/, evaluates, trains, evaluates
     python train.py --config configs/grpo_llds_a_qwen2.5-3b.yaml --steps 20
     torchrun --nproc_per_node 8 train.py --config configs/grpo_llds_a_qwen2.5-3b.yaml
     python train.py --resume runs/X                   # continue runs/X from its latest checkpoint
 
-One training step (`train_step`):
-  1. prompts_per_step questions (seeded, epoch-shuffled; each rank its share), each repeated group_size times;
-  2. rollouts by the policy (rollout.py); reward = EM of the policy's own answer action (never text inside observations);
-  3. group advantages; old log-probs (and entropy) recomputed by the training model before any update;
-     reference log-probs only when kl_coef > 0 (otherwise no reference model is loaded at all);
-  4. ppo_epochs passes over the batch in mini-batches, one AdamW step each; micro-batches accumulate gradients
-     with the mini-batch's global token count as denominator, so the gradient is that of one big batch;
-  5. the LLD monitor (lld/ metrics, SPEC 6), one log line, metrics.jsonl, sample trajectories, checkpoints.
+The file reads in the order a run does: `Config` (every field a flag), the run's set-up (`setup`), then
+`train_step` and its phases, each under its own ruler, in the order they run:
+  rollout    prompts_per_step questions (seeded, epoch-shuffled; each rank its share), group_size samples each
+             (rollout.py);
+  reward     EM of the policy's own answer action (never text inside observations);
+  advantages group advantages (loss.group_advantages);
+  old / ref  log-probs (and entropy) recomputed by the training model before any update; reference log-probs
+             only when kl_coef > 0 (otherwise no reference model is loaded at all);
+  update     ppo_epochs passes over the batch in mini-batches, one AdamW step each; micro-batches accumulate
+             gradients of `loss.compute_loss` with the mini-batch's global token count as denominator, so the
+             gradient is that of one big batch;
+  LLD monitor  lld/ metrics and the death-spiral warning (docs/protocol.md §6);
+  log        held-out eval when due, metrics.jsonl (and wandb), the console line, sample trajectories;
+  checkpoint every save_every steps and at the end.
+Plumbing that is not RL (flags, the run directory, resume, wandb, FSDP/DDP, checkpoint files) is in utils.py; the
+inputs (questions, model directories, retriever) are read and checked by inputs.py.
 
 Departures from the paper / Search-R1 (veRL), numbered:
  1. Randomness is a function of (seed, step, rank): each step re-seeds python/torch and the rollout generator,
@@ -29,14 +37,13 @@ Departures from the paper / Search-R1 (veRL), numbered:
     train/skipped_steps; the run goes on. veRL 0.1 (Search-R1) steps anyway.
  6. With FSDP, parameters are gathered once for all of a step's no-grad passes (rollout, scoring, eval)
     instead of at every decode step; veRL hands weights to vLLM instead.
- 7. Rewards and EM are the same number here (no format reward, SPEC 1.3); both are logged.
+ 7. The reward is EM (no format reward, docs/protocol.md §1.3), logged once as rollout/reward.
 """
 import dataclasses
 import functools
 import hashlib
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -46,16 +53,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
+import inputs
 import loss as L
-import rollout as R
+import rollout as ro
 import search_env
-from utils import (Meter, UserError, all_sum, barrier, cli, fsdp_modules, gathered, grad_sync, latest_checkpoint,
-                   load_checkpoint, parse_dataclass, rank_world, save_checkpoint, setup_device, truncate_jsonl, wrap_model,
-                   write_atomic)
+from utils import (Meter, MetricsLog, UserError, all_sum, barrier, cli, fsdp_modules, gathered, grad_sync,
+                   parse_dataclass, rank_world, resume_from, run_dir_for, save_checkpoint, setup_device, wrap_model,
+                   write_config)
 
+
+# ================================================================================================ config
 
 def h(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -127,7 +136,6 @@ class Config:
     debug_rollouts: str = h("", "test hook: JSON file of trajectories used instead of sampling")
 
 
-# ------------------------------------------------------------------------------------------------ config
 
 def parse_config(argv=None) -> Config:
     """Defaults < the resumed run's config.yaml < --config FILE < flags (utils.parse_dataclass), checked."""
@@ -173,16 +181,18 @@ def check_config(cfg: Config) -> None:
 
 def check_obs_budget(cfg: Config, tokenizer) -> None:
     """max_obs_tokens must hold the closing tag an observation keeps; its length depends on the tokenizer."""
-    tail = len(tokenizer(R.OBS_TAIL, add_special_tokens=False)["input_ids"])
+    tail = len(tokenizer(ro.OBS_TAIL, add_special_tokens=False)["input_ids"])
     if cfg.max_obs_tokens <= tail:
         raise UserError(f"max_obs_tokens={cfg.max_obs_tokens} cannot hold the closing '</information>' ({tail} "
                         f"tokens with this tokenizer) and any passage; raise it (default 500)")
 
 
-def rollout_config(cfg: Config, greedy: bool = False) -> R.RolloutConfig:
-    return R.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
-                           max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                           top_p=cfg.top_p, greedy=greedy, max_context=cfg.max_context)
+def rollout_config(cfg: Config, greedy: bool = False) -> ro.RolloutConfig:
+    """The rollout settings of `cfg`: Config is their one definition (help and defaults); rollout.RolloutConfig
+    has no defaults of its own. greedy: evaluation (temperature and top_p then play no part)."""
+    return ro.RolloutConfig(max_turns=cfg.max_turns, max_turn_tokens=cfg.max_turn_tokens,
+                            max_obs_tokens=cfg.max_obs_tokens, max_context=cfg.max_context, topk=cfg.topk,
+                            temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy)
 
 
 def fill_toy_paths(cfg: Config, rank: int) -> Config:
@@ -202,7 +212,152 @@ def fill_toy_paths(cfg: Config, rank: int) -> Config:
         index=cfg.index or ("" if cfg.retriever_url else str(toy / "bm25")))
 
 
-# ------------------------------------------------------------------------------------------------ data
+# ================================================================================================ the run set-up
+
+@dataclass
+class Run:
+    """Everything a step needs. `state` is the one run state: what the checkpoint stores besides weights and
+    optimiser, and what resuming restores."""
+    cfg: Config
+    dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    ref: torch.nn.Module | None
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    retriever: object
+    train_examples: list
+    eval_examples: list
+    log: MetricsLog | None = None  # metrics.jsonl and wandb
+    start: int = 0  # the last step done (0, or the resumed checkpoint's)
+    state: dict = field(default_factory=lambda: {
+        "skipped_total": 0,  # optimiser steps skipped for a non-finite gradient norm, over the whole run
+        "eval_before": -1.0,  # held-out EM before training
+        "history": [],  # the last lld_window rows' HISTORY_KEYS, for the death-spiral rule
+        "warned_at": -10**9,  # the step of the last printed death-spiral warning
+    })
+
+
+def setup(cfg: Config) -> Run:
+    """Processes, the run directory, every input checked, models, optimiser and schedule, resume, the log."""
+    device = setup_device(cfg.device)
+    rank, world = rank_world()
+    if cfg.prompts_per_step % world or cfg.mini_batch_size % world:
+        raise UserError(f"prompts_per_step={cfg.prompts_per_step} and mini_batch_size={cfg.mini_batch_size} "
+                        f"must be multiples of the {world} processes")
+    cfg = fill_toy_paths(cfg, rank)
+    run_dir, ckpt = run_dir_for(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir or str(run_dir))
+
+    # Every input is read before anything is written, so a refused start leaves no config.yaml behind (one
+    # would make the corrected command refuse the run_dir as "already holds a run").
+    train_examples = inputs.load_qa(cfg.train_data.split(","), flag="--train_data")
+    eval_examples = inputs.spread(inputs.load_qa(cfg.eval_data.split(","), flag="--eval_data"), cfg.eval_limit or None)
+    weights = str(ckpt or cfg.model)
+    for path in dict.fromkeys([cfg.model, weights]):
+        inputs.check_model_dir(path)
+    # the debug_rollouts test hook never searches: no JVM to start. A server answers a probe in milliseconds; a
+    # local index is opened (the JVM started) after the other checks.
+    retriever = None
+    if cfg.retriever_url and not cfg.debug_rollouts:
+        retriever = inputs.open_retriever(None, cfg.retriever_url)
+    elif not cfg.debug_rollouts:
+        inputs.check_index_path(cfg.index or None)
+    for path in dict.fromkeys([cfg.model, weights]):
+        inputs.check_model_files(path)
+    tokenizer = inputs.load_tokenizer(weights, padding_side=None)
+    check_obs_budget(cfg, tokenizer)
+    if retriever is None and not cfg.debug_rollouts:
+        retriever = inputs.open_retriever(cfg.index or None, None)
+    model = inputs.load_causal_lm(weights, torch.float32, tokenizer).to(device)
+    ref = None
+    if cfg.kl_coef > 0:  # otherwise no reference model exists at all
+        ref = inputs.load_causal_lm(cfg.model, torch.float32, tokenizer).to(device).eval()
+        ref.requires_grad_(False)
+    barrier()  # every rank has checked its inputs before rank 0 writes into run_dir
+    write_config(run_dir, cfg)
+
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap_model(model, cfg.dist, device, cfg.bf16)
+    if ref is not None and cfg.dist != "ddp":
+        ref = wrap_model(ref, cfg.dist, device, cfg.bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_ratio * cfg.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
+    run = Run(cfg, run_dir, rank, world, device, model, ref, tokenizer, optimizer, scheduler, retriever,
+              train_examples, eval_examples)
+    if ckpt is not None:
+        run.start = resume_from(ckpt, run_dir, model, optimizer, scheduler, run.state)
+    run.log = MetricsLog(run_dir, cfg)
+    return run
+
+
+def autocast(run: Run):
+    on = run.cfg.bf16 and run.device.type == "cuda" and not fsdp_modules(run.model)  # FSDP: mp_policy instead
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=on)
+
+
+# ================================================================================================ one training step
+
+def train_step(run: Run, step: int) -> dict:
+    """One step, its eight phases in the order they run; the functions they call follow, under the same rulers
+    and in the same order. Returns the row written to metrics.jsonl."""
+    cfg, dev = run.cfg, run.device
+    random.seed(seed_for(cfg.seed, step, run.rank, 2))
+    torch.manual_seed(seed_for(cfg.seed, step, run.rank, 3))
+    meter, t0 = Meter(), time.time()
+
+    # -- 1. rollout: this rank's share of the step's prompts, group_size samples each
+    trajs, golds = collect(run, step)
+    t_rollout = time.time() - t0
+    # -- 2. reward: EM of each answer action
+    rewards = reward(trajs, golds, meter)  # (N,)
+    # -- 3. advantages
+    adv = L.group_advantages(rewards, torch.tensor([t.group_id for t in trajs]), scale_by_std=cfg.adv_std).to(dev)
+    # -- 4. old / ref log-probs, before any update (and the LLDS answer span, when on)
+    batch, old, ent, ref = old_and_ref_logprobs(run, trajs, meter)  # (N, T) each; ref None without a ref model
+    if cfg.lld_monitor:
+        lld_metrics(meter, old, batch.response_mask, adv, ent, ref)
+    answer_mask, answer_coef = llds_answer_span(run, trajs, batch.response_mask.shape[1])
+    # -- 5. update: mini-batches of compute_loss, one AdamW step each
+    t1 = time.time()
+    lr = run.scheduler.get_last_lr()[0]
+    skipped, grad_norms, tokens = update(run, step, batch, old, adv, ref, answer_mask, answer_coef, meter)
+    t_update = time.time() - t1
+    # -- 6. LLD monitor: the preserving set re-scored after the step's last update; the death-spiral rule
+    if cfg.lld_monitor:
+        with gathered(run.model) as policy, autocast(run):
+            policy.eval()
+            lld_displacement(meter, policy, batch, old, adv, cfg)
+    row = {"step": step, **meter.reduce(dev)}
+    run.state["skipped_total"] += skipped
+    row.update({"train/lr": lr, "train/skipped_steps": skipped, "train/skipped_total": run.state["skipped_total"]})
+    if grad_norms:
+        row["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        row["train/grad_norm_max"] = max(grad_norms)
+    warn = lld_warning(run, step, row)
+    # -- 7. log: held-out eval when due, metrics.jsonl / wandb, console, samples
+    tok_s = all_sum(torch.tensor(float(tokens), dtype=torch.float64, device=dev)).item() / max(t_update, 1e-9)
+    row.update({"perf/step_s": time.time() - t0, "perf/rollout_s": t_rollout, "perf/update_s": t_update,
+                "perf/update_tokens_per_s": tok_s})
+    if dev.type == "cuda":
+        row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    log_step(run, step, row, warn, (trajs, golds, rewards.tolist(), adv.tolist()))
+    # -- 8. checkpoint: weights, optimiser, scheduler and run.state (utils.save_checkpoint)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        path = save_checkpoint(run.dir, step, run.model, run.tokenizer, run.optimizer, run.scheduler, run.state,
+                               cfg.keep_checkpoints)
+        barrier()
+        if path is not None:
+            tqdm.write(f"saved {path}")
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ 1. rollout
 
 def seed_for(*parts: int) -> int:
     """One integer seed per random stream, e.g. (seed, step, rank, stream): the same on every machine."""
@@ -223,23 +378,102 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return out
 
 
-def load_debug_rollouts(path: str, rank: int, world: int) -> tuple[list[R.Trajectory], list[list[str]]]:
+def collect(run: Run, step: int) -> tuple[list[ro.Trajectory], list[list[str]]]:
+    """This rank's rollouts for step `step`: its share of the step's prompts, group_size samples each."""
+    cfg = run.cfg
+    if cfg.debug_rollouts:
+        return load_debug_rollouts(cfg.debug_rollouts, run.rank, run.world)
+    share = cfg.prompts_per_step // run.world
+    order = step_prompts(len(run.train_examples), step, cfg.prompts_per_step, cfg.seed)
+    mine = range(run.rank * share, (run.rank + 1) * share)
+    examples = [run.train_examples[order[i]] for i in mine for _ in range(cfg.group_size)]
+    group_ids = [(step - 1) * cfg.prompts_per_step + i for i in mine for _ in range(cfg.group_size)]
+    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, step, run.rank, 1))
+    chunk = cfg.rollout_batch_size or len(examples)
+    trajs = []
+    with gathered(run.model) as policy, autocast(run):
+        policy.eval()
+        for s in range(0, len(examples), chunk):
+            trajs += ro.rollout(policy, run.tokenizer, [e.prompt for e in examples[s:s + chunk]],
+                                group_ids[s:s + chunk], run.retriever, rollout_config(cfg), gen)
+    return trajs, [e.golds for e in examples]
+
+
+def load_debug_rollouts(path: str, rank: int, world: int) -> tuple[list[ro.Trajectory], list[list[str]]]:
     """Test hook: a fixed batch [{"traj": Trajectory fields, "golds": [...]}, ...] in group order; each rank
     takes its contiguous share, as it would of sampled prompts."""
     rows = json.loads(Path(path).read_text())
     share = len(rows) // world
     rows = rows[rank * share:(rank + 1) * share]
-    trajs = [R.Trajectory(**{**r["traj"], "turn_spans": [tuple(s) for s in r["traj"]["turn_spans"]]})
+    trajs = [ro.Trajectory(**{**r["traj"], "turn_spans": [tuple(s) for s in r["traj"]["turn_spans"]]})
              for r in rows]
     return trajs, [r["golds"] for r in rows]
 
 
-def answer_span_mask(trajs: list[R.Trajectory], tokenizer, width: int, device) -> torch.Tensor:
+# ------------------------------------------------------------------------------------------------ 2. reward
+
+def reward(trajs: list[ro.Trajectory], golds: list[list[str]], meter: Meter) -> torch.Tensor:
+    """Rewards (N,): EM of each trajectory's answer action against its golds (docs/protocol.md §1.3), and the
+    rollout/ metrics. t.answer is the content of the policy's answer action, never text found in the response:
+    the response also holds observations, and the invalid-action message itself contains "<answer> and </answer>"."""
+    rewards = torch.tensor([search_env.exact_match(t.answer, g) for t, g in zip(trajs, golds)])
+    n = len(trajs)
+    meter.add("rollout/reward", rewards.sum(), n)
+    meter.add("rollout/searches", sum(t.num_searches for t in trajs), n)
+    meter.add("rollout/response_len", sum(len(t.response_ids) for t in trajs), n)
+    meter.add("rollout/answered", sum(t.answer is not None for t in trajs), n)
+    meter.add("rollout/valid_action_rate", sum(t.num_valid_actions for t in trajs),
+              sum(len(t.turn_spans) for t in trajs))
+    by_group = {}
+    for t, r in zip(trajs, rewards.tolist()):
+        by_group.setdefault(t.group_id, []).append(r)
+    meter.add("rollout/solve_none", sum(max(v) == 0 for v in by_group.values()), len(by_group))
+    meter.add("rollout/solve_all", sum(min(v) == 1 for v in by_group.values()), len(by_group))
+    return rewards
+
+
+# ------------------------------------------------------- 3. advantages (loss.group_advantages), 4. old / ref log-probs
+
+def old_and_ref_logprobs(run: Run, trajs: list[ro.Trajectory], meter: Meter):
+    """The padded batch and its step-start log-probs (N, T) under the training model (old, with entropy) and the
+    reference model (ref; None without one), before any update; T = the longest response."""
+    cfg = run.cfg
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    batch = ro.collate(trajs, pad_id).to(run.device)
+    mask = batch.response_mask  # (N, T)
+    with gathered(run.model) as policy, autocast(run):
+        policy.eval()
+        old, ent = ro.score(policy, batch, cfg.temperature, cfg.micro_batch_size, with_entropy=True)  # (N, T) x2
+    ref = None
+    if run.ref is not None:
+        with gathered(run.ref) as ref_model, autocast(run):
+            ref = ro.score(ref_model, batch, cfg.temperature, cfg.micro_batch_size)  # (N, T)
+    sample_lp = torch.zeros_like(old)
+    for i, t in enumerate(trajs):
+        sample_lp[i, :len(t.sample_logprobs)] = torch.tensor(t.sample_logprobs)
+    meter.add("rollout/logp_mismatch", ((sample_lp - old).abs() * mask).sum(), mask.sum())
+    return batch, old, ent, ref
+
+
+def llds_answer_span(run: Run, trajs: list[ro.Trajectory], width: int):
+    """LLDS answer-span variant (docs/protocol.md §5): (answer mask (N, width), its coefficient w), or (None,
+    None) when it is off. Adaptive: w * max(mean searches per trajectory over all ranks - 1, 0)."""
+    cfg = run.cfg
+    if not (cfg.llds_coef and cfg.llds_answer_coef >= 0):
+        return None, None
+    coef = cfg.llds_answer_coef
+    if cfg.llds_answer_adaptive:
+        searches = all_sum(torch.tensor([sum(t.num_searches for t in trajs), len(trajs)], dtype=torch.float64))
+        coef *= max(float(searches[0] / searches[1]) - 1, 0.0)
+    return answer_span_mask(trajs, run.tokenizer, width, run.device), coef
+
+
+def answer_span_mask(trajs: list[ro.Trajectory], tokenizer, width: int, device) -> torch.Tensor:
     """(B, width) 1 on the tokens of the final <answer>..</answer> (the last turn of an answered response):
     from the last token of the turn whose text starts with '<answer>' when decoded to the turn's end."""
     mask = torch.zeros(len(trajs), width)
     for i, t in enumerate(trajs):
-        if not t.answered:
+        if t.answer is None:
             continue
         s, e = t.turn_spans[-1]
         k = e - 1
@@ -249,30 +483,129 @@ def answer_span_mask(trajs: list[R.Trajectory], tokenizer, width: int, device) -
     return mask.to(device)
 
 
-# ------------------------------------------------------------------------------------------------ LLD monitor
+# ------------------------------------------------------------------------------------------------ 5. update
 
-def action_sums(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of x (B, T) over each action (a maximal run of mask tokens) -> (sums (B, T+1), is_action (B, T+1)):
-    column k of a row is its k-th action (k >= 1); column 0 collects the off-mask tokens."""
-    mb = mask.bool()
-    start = mb & ~torch.nn.functional.pad(mb[:, :-1], (1, 0), value=False)  # (B, T)
-    act = torch.where(mb, start.long().cumsum(-1), 0)  # (B, T)
-    sums = x.new_zeros(x.shape[0], x.shape[1] + 1).scatter_add_(1, act, torch.where(mb, x, 0.0))
-    n = start.sum(-1, keepdim=True)  # (B, 1) actions per row
-    is_action = (torch.arange(x.shape[1] + 1, device=x.device)[None] >= 1) & \
-                (torch.arange(x.shape[1] + 1, device=x.device)[None] <= n)  # (B, T+1)
-    return sums, is_action
+def update(run: Run, step: int, batch: ro.Batch, old, adv, ref, answer_mask, answer_coef, meter: Meter):
+    """ppo_epochs passes over this rank's rows in mini-batches (one AdamW step each; a mini-batch spans all
+    ranks), micro-batches accumulating gradients. compute_loss's metrics combine as loss.REDUCE says. Returns
+    (skipped optimiser steps, grad norms, tokens seen)."""
+    cfg, dev = run.cfg, run.device
+    run.model.train()
+    n, mask = len(adv), batch.response_mask
+    rows_per_mini = cfg.mini_batch_size // run.world
+    skipped, grad_norms, tokens = 0, [], 0
+    lengths = batch.attention_mask.sum(1).cpu()  # (N,)
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, run.rank, 4, epoch)))
+        for start in range(0, n, rows_per_mini):
+            rows = perm[start:start + rows_per_mini]
+            rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+            num_tokens = all_sum(mask[rows.to(dev)].sum().double()).item()  # global, all ranks
+            micros = rows.split(cfg.micro_batch_size)
+            sums = {}  # the "sum" metrics of this mini-batch
+            for j, r in enumerate(micros):
+                r = r.to(dev)
+                micro = batch.select(r)
+                w = micro.response_mask.shape[1]
+                with grad_sync(run.model, j == len(micros) - 1), autocast(run):
+                    out = ro.response_logprobs(run.model, micro, cfg.temperature, with_entropy=cfg.ent_coef > 0)
+                    logp, entropy = out if isinstance(out, tuple) else (out, None)
+                    loss, m = L.compute_loss(
+                        logp, old[r, :w], adv[r], micro.response_mask, ref_logp=None if ref is None else ref[r, :w],
+                        entropy=entropy, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                        dual_clip=cfg.dual_clip or None, ratio_level=cfg.ratio_level, agg=cfg.agg,
+                        kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, ent_coef=cfg.ent_coef, llds_coef=cfg.llds_coef,
+                        llds_gate=cfg.llds_gate, answer_mask=None if answer_mask is None else answer_mask[r, :w],
+                        answer_coef=answer_coef, num_tokens=num_tokens, num_seqs=cfg.mini_batch_size,
+                        norm_len=(cfg.max_turns + 1) * cfg.max_turn_tokens)
+                    if step == cfg.debug_nan_step:
+                        loss = loss * float("nan")
+                    (loss * run.world).backward()  # DDP/FSDP average over ranks; the loss is a global sum
+                for k, v in m.items():
+                    how = L.REDUCE[k]
+                    if how == "sum":
+                        sums[k] = sums.get(k, 0.0) + v
+                    elif how == "max":  # -inf / inf: this micro-batch has no tokens
+                        meter.add_max(k, v if m["train/tokens"] else -math.inf)
+                    elif how == "min":
+                        meter.add_min(k, v if m["train/tokens"] else math.inf)
+                    else:
+                        meter.add(k, v * m[how], m[how])
+                tokens += int(micro.attention_mask.sum())
+            for k, v in sums.items():
+                meter.add(k, v, 1.0 / run.world)  # sum over micro-batches and ranks, mean over optimiser steps
+            gn = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # global: same on every rank
+            if math.isfinite(gn):  # a NaN/inf loss anywhere makes it non-finite too
+                run.optimizer.step()
+                grad_norms.append(gn)
+            else:
+                skipped += 1
+            run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return skipped, grad_norms, tokens
 
 
-# The death-spiral warning rule (SPEC 6 lists the signals, earliest first). Over the last `lld_window` steps:
+# ------------------------------------------------------------------------------------------------ 6. LLD monitor
+
+def lld_metrics(meter: Meter, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, ent: torch.Tensor,
+                ref: torch.Tensor | None):
+    """Step-start log-probs per token of the preserving (A >= 0) and negative sets, each over its own tokens."""
+    pos = mask * (adv >= 0)[:, None]  # (B, T)
+    neg = mask * (adv < 0)[:, None]  # (B, T)
+    meter.add("lld/old_logp_pos", (old * pos).sum(), pos.sum())
+    meter.add("lld/old_logp_neg", (old * neg).sum(), neg.sum())
+    meter.add("lld/entropy", (ent * mask).sum(), mask.sum())
+    if ref is not None:
+        meter.add("lld/ref_logp_pos", (ref * pos).sum(), pos.sum())
+
+
+def lld_displacement(meter: Meter, policy, batch: ro.Batch, old: torch.Tensor, adv: torch.Tensor, cfg: Config):
+    """After the step's last update: mean change of log-prob per preserving token, and the share of preserving
+    actions (loss.actions, the ones LLDS gates) whose summed log-prob fell (one extra no-grad forward over the
+    preserving rows)."""
+    rows = (adv >= 0).nonzero().squeeze(1)
+    if len(rows) == 0:
+        meter.add("lld/delta_pos", 0.0, 0.0)
+        meter.add("lld/fell_action_share", 0.0, 0.0)
+        return
+    sub = batch.select(rows)
+    new = ro.score(policy, sub, cfg.temperature, cfg.micro_batch_size)  # (b, t)
+    mask = sub.response_mask
+    diff = (new - old[rows, :mask.shape[1]]) * mask  # (b, t)
+    ids, starts = L.actions(mask)  # (b, t) x2
+    sums = L.action_sums(diff, ids)  # (b, t+1): column k = the k-th action
+    col = torch.arange(sums.shape[1], device=sums.device)[None]  # (1, t+1)
+    is_action = (col >= 1) & (col <= starts.sum(-1, keepdim=True))  # (b, t+1)
+    meter.add("lld/delta_pos", diff.sum(), mask.sum())
+    meter.add("lld/fell_action_share", ((sums < 0) & is_action).sum(), is_action.sum())
+
+
+# The death-spiral warning rule (docs/protocol.md §6 lists the signals, earliest first). Over the last
+# `lld_window` steps:
 #   (a) the preserving set's old log-prob per token trends down (least-squares slope below -LLD_SLOPE
 #       nats/token/step) while the policy's entropy trends up; or
 #   (b) it has sunk more than LLD_BELOW_REF nats/token below the reference model's on the same tokens
 #       (only with a reference model): the policy now likes its own good answers less than it did at start; or
 #   (c) on average more than half of the preserving actions lost likelihood within their step, and the
 #       latest pre-clip gradient norm exceeds LLD_GRAD_SPIKE x the window's median.
-# Reward is deliberately not used: it falls last. Warned once per window, logged every step as lld/warning.
+# Reward is deliberately not used: it falls last. Logged every step as lld/warning, printed once per window.
 LLD_SLOPE, LLD_BELOW_REF, LLD_GRAD_SPIKE = 0.005, 0.5, 3.0
+HISTORY_KEYS = {"lld/old_logp_pos", "lld/entropy", "lld/ref_logp_pos", "lld/fell_action_share", "train/grad_norm"}
+
+
+def lld_warning(run: Run, step: int, row: dict) -> str:
+    """Apply the rule to the history and this step's row: sets row["lld/warning"], keeps the row's HISTORY_KEYS in
+    run.state["history"], and returns the reason to print ('' when there is none, or when one was printed less
+    than lld_window steps ago)."""
+    cfg, state = run.cfg, run.state
+    warn = death_spiral(state["history"] + [row], cfg.lld_window) if cfg.lld_monitor else ""
+    row["lld/warning"] = float(bool(warn))
+    state["history"] = (state["history"] + [{k: v for k, v in row.items() if k in HISTORY_KEYS}])[-cfg.lld_window:]
+    if not warn or step - state["warned_at"] < cfg.lld_window:
+        return ""
+    state["warned_at"] = step
+    return warn
 
 
 def _slope(ys: list[float]) -> float:
@@ -300,243 +633,31 @@ def death_spiral(history: list[dict], window: int) -> str:
     return ""
 
 
-def lld_metrics(meter: Meter, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, ent: torch.Tensor,
-                ref: torch.Tensor | None):
-    """Step-start log-probs per token of the preserving (A >= 0) and negative sets, each over its own tokens."""
-    pos = mask * (adv >= 0)[:, None]  # (B, R)
-    neg = mask * (adv < 0)[:, None]  # (B, R)
-    meter.add("lld/old_logp_pos", (old * pos).sum(), pos.sum())
-    meter.add("lld/old_logp_neg", (old * neg).sum(), neg.sum())
-    meter.add("lld/entropy", (ent * mask).sum(), mask.sum())
-    if ref is not None:
-        meter.add("lld/ref_logp_pos", (ref * pos).sum(), pos.sum())
+# ---------------------------------------------------------------------- 7. log (8. checkpoint: utils.save_checkpoint)
 
-
-def lld_displacement(meter: Meter, policy, batch: R.Batch, old: torch.Tensor, adv: torch.Tensor, cfg: Config):
-    """After the step's last update: mean change of log-prob per preserving token, and the share of preserving
-    actions whose summed log-prob fell (one extra no-grad forward over the preserving rows)."""
-    rows = (adv >= 0).nonzero().squeeze(1)
-    if len(rows) == 0:
-        meter.add("lld/delta_pos", 0.0, 0.0)
-        meter.add("lld/fell_action_share", 0.0, 0.0)
-        return
-    sub = batch.select(rows)
-    new = R.score(policy, sub, cfg.temperature, cfg.micro_batch_size)  # (b, r)
-    mask = sub.response_mask
-    diff = (new - old[rows, :mask.shape[1]]) * mask  # (b, r)
-    sums, is_action = action_sums(diff, mask)
-    meter.add("lld/delta_pos", diff.sum(), mask.sum())
-    meter.add("lld/fell_action_share", ((sums < 0) & is_action).sum(), is_action.sum())
-
-
-# ------------------------------------------------------------------------------------------------ the run
-
-@dataclass
-class Run:
-    """Everything a step needs; `state` is what the checkpoint stores besides weights and optimiser."""
-    cfg: Config
-    dir: Path
-    rank: int
-    world: int
-    device: torch.device
-    model: torch.nn.Module
-    ref: torch.nn.Module | None
-    tokenizer: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    retriever: object
-    train_examples: list
-    state: dict  # skipped_total, eval_before, history (for the death-spiral rule)
-
-
-def autocast(run: Run):
-    on = run.cfg.bf16 and run.device.type == "cuda" and not fsdp_modules(run.model)  # FSDP: mp_policy instead
-    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=on)
-
-
-def collect(run: Run, step: int) -> tuple[list[R.Trajectory], list[list[str]]]:
-    """This rank's rollouts for step `step`: its share of the step's prompts, group_size samples each."""
+def log_step(run: Run, step: int, row: dict, warn: str, samples: tuple) -> None:
+    """Held-out eval when due, then the row to metrics.jsonl / wandb, the console lines, sample trajectories."""
     cfg = run.cfg
-    if cfg.debug_rollouts:
-        return load_debug_rollouts(cfg.debug_rollouts, run.rank, run.world)
-    share = cfg.prompts_per_step // run.world
-    order = step_prompts(len(run.train_examples), step, cfg.prompts_per_step, cfg.seed)
-    mine = range(run.rank * share, (run.rank + 1) * share)
-    examples = [run.train_examples[order[i]] for i in mine for _ in range(cfg.group_size)]
-    group_ids = [(step - 1) * cfg.prompts_per_step + i for i in mine for _ in range(cfg.group_size)]
-    gen = torch.Generator(device=run.device).manual_seed(seed_for(cfg.seed, step, run.rank, 1))
-    chunk = cfg.rollout_batch_size or len(examples)
-    trajs = []
-    with gathered(run.model) as policy, autocast(run):
-        policy.eval()
-        for s in range(0, len(examples), chunk):
-            trajs += R.rollout(policy, run.tokenizer, [e.prompt for e in examples[s:s + chunk]],
-                               group_ids[s:s + chunk], run.retriever, rollout_config(cfg), gen)
-    return trajs, [e.golds for e in examples]
+    if (cfg.eval_every and step % cfg.eval_every == 0) or (step == cfg.steps and cfg.eval_start_end):
+        row.update(held_out_eval(run))
+    run.log.log(row)
+    if run.rank != 0:
+        return
+    tqdm.write(fmt_line(row, cfg.steps))
+    if warn:
+        tqdm.write(f"LLD death spiral warning at step {step}: {warn}")
+    if row["train/skipped_steps"]:
+        tqdm.write(f"step {step}: skipped {row['train/skipped_steps']} optimiser step(s) with a "
+                   f"non-finite loss or gradient norm ({run.state['skipped_total']} so far)")
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        log_samples(run, step, *samples)
 
 
-def update(run: Run, step: int, batch: R.Batch, old, adv, ref, answer_mask, answer_coef, meter: Meter):
-    """ppo_epochs passes over this rank's rows in mini-batches (one AdamW step each; a mini-batch spans all
-    ranks), micro-batches accumulating gradients. Returns (skipped optimiser steps, grad norms, tokens seen)."""
-    cfg, dev = run.cfg, run.device
-    run.model.train()
-    n, mask = len(adv), batch.response_mask
-    rows_per_mini = cfg.mini_batch_size // run.world
-    skipped, grad_norms, tokens = 0, [], 0
-    lengths = batch.attention_mask.sum(1).cpu()  # (N,)
-    for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(cfg.seed, step, run.rank, 4, epoch)))
-        for start in range(0, n, rows_per_mini):
-            rows = perm[start:start + rows_per_mini]
-            rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-            num_tokens = all_sum(mask[rows.to(dev)].sum().double()).item()  # global, all ranks
-            micros = rows.split(cfg.micro_batch_size)
-            mini = {}
-            for j, r in enumerate(micros):
-                r = r.to(dev)
-                mb = batch.select(r)
-                w = mb.response_mask.shape[1]
-                with grad_sync(run.model, j == len(micros) - 1), autocast(run):
-                    out = R.response_logprobs(run.model, mb, cfg.temperature, with_entropy=cfg.ent_coef > 0)
-                    logp, entropy = out if isinstance(out, tuple) else (out, None)
-                    loss, m = L.compute_loss(
-                        logp, old[r, :w], adv[r], mb.response_mask, ref_logp=None if ref is None else ref[r, :w],
-                        entropy=entropy, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        dual_clip=cfg.dual_clip or None, ratio_level=cfg.ratio_level, agg=cfg.agg,
-                        kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind, ent_coef=cfg.ent_coef, llds_coef=cfg.llds_coef,
-                        llds_gate=cfg.llds_gate, answer_mask=None if answer_mask is None else answer_mask[r, :w],
-                        answer_coef=answer_coef, num_tokens=num_tokens, num_seqs=cfg.mini_batch_size,
-                        norm_len=(cfg.max_turns + 1) * cfg.max_turn_tokens)
-                    if step == cfg.debug_nan_step:
-                        loss = loss * float("nan")
-                    (loss * run.world).backward()  # DDP/FSDP average over ranks; the loss is a global sum
-                for k, v in m.items():
-                    if k in SUMMED:
-                        mini[k] = mini.get(k, 0.0) + v
-                    elif k in ("train/ratio_max", "train/ratio_min"):  # min = -max(-x); -inf: no tokens
-                        meter.add_max(k, (v if k == "train/ratio_max" else -v) if m["train/tokens"] else -math.inf)
-                    else:
-                        weight = m[WEIGHT_BY.get(k, "train/tokens")]
-                        meter.add(k, v * weight, weight)
-                tokens += int(mb.attention_mask.sum())
-            for k in SUMMED & mini.keys():
-                meter.add(k, mini[k], 1.0 / run.world)  # sum over micro-batches and ranks, mean over steps
-            gn = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-            gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)  # global: same on every rank
-            if math.isfinite(gn):  # a NaN/inf loss anywhere makes it non-finite too
-                run.optimizer.step()
-                grad_norms.append(gn)
-            else:
-                skipped += 1
-            run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    return skipped, grad_norms, tokens
-
-
-# How compute_loss's metrics combine over micro-batches, mini-batches and ranks: these add up within a mini-batch
-# (loss terms and counts, averaged over optimiser steps); the rest are token means (or weighted as below).
-SUMMED = {"train/pg_loss", "train/loss", "llds/penalty", "train/tokens", "llds/preserving_tokens",
-          "llds/actions", "llds/gated_actions"}
-WEIGHT_BY = {"llds/gated_share": "llds/actions", "llds/mean_pos_delta": "llds/preserving_tokens"}
-
-
-def train_step(run: Run, step: int) -> tuple[dict, str, tuple]:
-    """One step; returns the metrics row, the death-spiral warning (or ''), and samples for log_samples."""
-    cfg, dev = run.cfg, run.device
-    random.seed(seed_for(cfg.seed, step, run.rank, 2))
-    torch.manual_seed(seed_for(cfg.seed, step, run.rank, 3))
-    meter, t0 = Meter(), time.time()
-
-    # 1-2. rollouts and rewards
-    trajs, golds = collect(run, step)
-    t_rollout = time.time() - t0
-    # t.answer comes from the policy's answer action: the response text also holds observations, and the
-    # invalid-action message itself contains "<answer> and </answer>"
-    em = [search_env.exact_match(t.answer, g) for t, g in zip(trajs, golds)]
-    rewards = torch.tensor(em)
-    n = len(trajs)
-    meter.add("rollout/reward", rewards.sum(), n)
-    meter.add("rollout/em", sum(em), n)
-    meter.add("rollout/searches", sum(t.num_searches for t in trajs), n)
-    meter.add("rollout/response_len", sum(len(t.response_ids) for t in trajs), n)
-    meter.add("rollout/answered", sum(t.answered for t in trajs), n)
-    meter.add("rollout/valid_action_rate", sum(t.num_valid_actions for t in trajs),
-              sum(len(t.turn_spans) for t in trajs))
-    group_ids = torch.tensor([t.group_id for t in trajs])
-    by_group = {}
-    for g, r in zip(group_ids.tolist(), rewards.tolist()):
-        by_group.setdefault(g, []).append(r)
-    meter.add("rollout/solve_none", sum(max(v) == 0 for v in by_group.values()), len(by_group))
-    meter.add("rollout/solve_all", sum(min(v) == 1 for v in by_group.values()), len(by_group))
-
-    # 3. advantages, old / reference log-probs
-    adv = L.group_advantages(rewards, group_ids, scale_by_std=cfg.adv_std).to(dev)  # (N,)
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    batch = R.collate(trajs, pad_id).to(dev)
-    mask = batch.response_mask  # (N, R)
-    with gathered(run.model) as policy, autocast(run):
-        policy.eval()
-        old, ent = R.score(policy, batch, cfg.temperature, cfg.micro_batch_size, with_entropy=True)  # (N, R) x2
-    ref = None
-    if run.ref is not None:
-        with gathered(run.ref) as ref_model, autocast(run):
-            ref = R.score(ref_model, batch, cfg.temperature, cfg.micro_batch_size)  # (N, R)
-    sample_lp = torch.zeros_like(old)
-    for i, t in enumerate(trajs):
-        sample_lp[i, :len(t.sample_logprobs)] = torch.tensor(t.sample_logprobs)
-    meter.add("rollout/logp_mismatch", ((sample_lp - old).abs() * mask).sum(), mask.sum())
-    if cfg.lld_monitor:
-        lld_metrics(meter, old, mask, adv, ent, ref)
-    answer_mask, answer_coef = None, None
-    if cfg.llds_coef and cfg.llds_answer_coef >= 0:
-        answer_mask = answer_span_mask(trajs, run.tokenizer, mask.shape[1], dev)
-        answer_coef = cfg.llds_answer_coef
-        if cfg.llds_answer_adaptive:
-            searches = all_sum(torch.tensor([sum(t.num_searches for t in trajs), n], dtype=torch.float64))
-            answer_coef *= max(float(searches[0] / searches[1]) - 1, 0.0)
-
-    # 4. updates
-    t1 = time.time()
-    lr = run.scheduler.get_last_lr()[0]
-    skipped, grad_norms, tokens = update(run, step, batch, old, adv, ref, answer_mask, answer_coef, meter)
-    t_update = time.time() - t1
-
-    # 5. LLD displacement: the preserving set re-scored after the step's last update
-    if cfg.lld_monitor:
-        with gathered(run.model) as policy, autocast(run):
-            policy.eval()
-            lld_displacement(meter, policy, batch, old, adv, cfg)
-
-    row = {"step": step, **meter.reduce(dev)}
-    if "train/ratio_min" in row:
-        row["train/ratio_min"] = -row["train/ratio_min"]
-    run.state["skipped_total"] += skipped
-    row.update({"train/lr": lr, "train/skipped_steps": skipped,
-                "train/skipped_total": run.state["skipped_total"]})
-    if grad_norms:
-        row["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        row["train/grad_norm_max"] = max(grad_norms)
-    warn = death_spiral(run.state["history"] + [row], cfg.lld_window) if cfg.lld_monitor else ""
-    row["lld/warning"] = float(bool(warn))
-    run.state["history"] = (run.state["history"] + [{k: v for k, v in row.items() if k in HISTORY_KEYS}])[
-        -cfg.lld_window:]
-    dt = time.time() - t0
-    tok_s = all_sum(torch.tensor(float(tokens), dtype=torch.float64, device=dev)).item() / max(t_update, 1e-9)
-    row.update({"perf/step_s": dt, "perf/rollout_s": t_rollout, "perf/update_s": t_update,
-                "perf/update_tokens_per_s": tok_s})
-    if dev.type == "cuda":
-        row["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    return row, warn, (trajs, golds, rewards.tolist(), adv.tolist())
-
-
-HISTORY_KEYS = {"lld/old_logp_pos", "lld/entropy", "lld/ref_logp_pos", "lld/fell_action_share", "train/grad_norm"}
-
-
-def held_out_eval(run: Run, examples: list) -> dict:
+def held_out_eval(run: Run) -> dict:
     """Greedy EM/F1 with eval.py's code; each rank takes every world-th question, records are gathered."""
     import eval as ev
 
-    mine = examples[run.rank::run.world]
+    mine = run.eval_examples[run.rank::run.world]
     with gathered(run.model) as policy, autocast(run):
         res = ev.evaluate(policy, run.tokenizer, mine, run.retriever, rollout_config(run.cfg, greedy=True),
                           run.cfg.eval_batch_size, progress=run.rank == 0, desc="held-out eval")
@@ -563,7 +684,7 @@ def log_samples(run: Run, step: int, trajs, golds, rewards, adv) -> None:
 def fmt_line(row: dict, steps: int) -> str:
     def g(k, f="{:.3f}"):
         return f.format(row[k]) if k in row else "-"
-    return (f"step {row['step']}/{steps} | reward {g('rollout/reward')} em {g('rollout/em')} "
+    return (f"step {row['step']}/{steps} | reward {g('rollout/reward')} "
             f"searches {g('rollout/searches', '{:.2f}')} len {g('rollout/response_len', '{:.0f}')} | "
             f"loss {g('train/loss', '{:+.4f}')} gn {g('train/grad_norm')} ent {g('lld/entropy')} "
             f"kl {g('train/kl_ref', '{:.4f}')} clip {g('train/clipfrac_high', '{:.3f}')} | "
@@ -571,147 +692,31 @@ def fmt_line(row: dict, steps: int) -> str:
             f"fell {g('lld/fell_action_share', '{:.2f}')} | {row['perf/step_s']:.1f}s")
 
 
-# ------------------------------------------------------------------------------------------------ main
+# ================================================================================================ main
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    device = setup_device(cfg.device)
-    rank, world = rank_world()
-    if cfg.prompts_per_step % world or cfg.mini_batch_size % world:
-        raise UserError(f"prompts_per_step={cfg.prompts_per_step} and mini_batch_size={cfg.mini_batch_size} "
-                        f"must be multiples of the {world} processes")
-    cfg = fill_toy_paths(cfg, rank)
-    run_dir = cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
-    if dist.is_initialized():  # ranks could straddle a second
-        box = [run_dir]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
-    cfg = dataclasses.replace(cfg, run_dir=run_dir)
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if not cfg.resume and (run_dir / "config.yaml").exists():
-        how = f"pass --resume {run_dir} to continue it" if latest_checkpoint(run_dir) else "it has no checkpoint"
-        raise UserError(f"run_dir {run_dir} already holds a run ({how}); choose another --run_dir")
-    if cfg.resume and ckpt is None:
-        raise UserError(f"--resume {cfg.resume} has no checkpoint yet (no {run_dir / 'latest'}); "
-                        "start it again in a new --run_dir")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run_dir {run_dir} is a file; give a folder path")
-
-    # Every input is read before anything is written, so a refused start leaves no config.yaml behind (one
-    # would make the corrected command refuse the run_dir as "already holds a run").
-    import eval as ev
-    train_examples = ev.load_qa(cfg.train_data.split(","), flag="--train_data")
-    eval_examples = ev.spread(ev.load_qa(cfg.eval_data.split(","), flag="--eval_data"), cfg.eval_limit or None)
-    for path in dict.fromkeys([cfg.model, str(ckpt or cfg.model)]):
-        ev.check_model_dir(path)
-    # the debug_rollouts test hook never searches: no JVM to start. A server answers a probe in milliseconds; a
-    # local index is opened (the JVM started) after the other checks.
-    retriever = None
-    if cfg.retriever_url and not cfg.debug_rollouts:
-        retriever = ev.open_retriever(None, cfg.retriever_url)
-    elif not cfg.debug_rollouts:
-        ev.check_index_path(cfg.index or None)
-    for path in dict.fromkeys([cfg.model, str(ckpt or cfg.model)]):
-        ev.check_model_files(path)
-    tokenizer = ev.load_tokenizer(str(ckpt or cfg.model), padding_side=None)
-    check_obs_budget(cfg, tokenizer)
-    if retriever is None and not cfg.debug_rollouts:
-        retriever = ev.open_retriever(cfg.index or None, None)
-    model = ev.load_causal_lm(str(ckpt or cfg.model), torch.float32, tokenizer).to(device)
-    ref = None
-    if cfg.kl_coef > 0:  # otherwise no reference model exists at all
-        ref = ev.load_causal_lm(cfg.model, torch.float32, tokenizer).to(device).eval()
-        ref.requires_grad_(False)
-    barrier()  # every rank has checked its inputs before rank 0 writes into run_dir
-    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-    if rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--run_dir {run_dir} cannot be created ({e.strerror}); pick a writable folder") from None
-        write_atomic(run_dir / "config.yaml", text)
-        print("config:\n  " + text.strip().replace("\n", "\n  "), flush=True)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = wrap_model(model, cfg.dist, device, cfg.bf16)
-    if ref is not None and cfg.dist != "ddp":
-        ref = wrap_model(ref, cfg.dist, device, cfg.bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = round(cfg.warmup_ratio * cfg.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup) if warmup else 1.0)
-    state = {"skipped_total": 0, "eval_before": -1.0, "history": [], "warned_at": -10**9}
-    start = 0
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, model, optimizer, scheduler)
-        start = saved["step"]
-        state = {k: saved[k] for k in state}
-        if rank == 0:
-            truncate_jsonl(run_dir / "metrics.jsonl", start)
-            truncate_jsonl(run_dir / "trajectories.jsonl", start)
-            print(f"resumed from {ckpt} at step {start}", flush=True)
-    run = Run(cfg, run_dir, rank, world, device, model, ref, tokenizer, optimizer, scheduler, retriever,
-              train_examples, state)
-
-    wb = None
-    if cfg.wandb_project and rank == 0:
-        import wandb
-
-        id_file = run_dir / "wandb_id"
-        if not id_file.exists():
-            write_atomic(id_file, os.urandom(4).hex())  # one wandb run across resumes
-        wb = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=id_file.read_text().strip(),
-                        resume="allow", dir=str(run_dir), mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
-
-    def log(row):
-        if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wb is not None:
-                wb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
-
-    if cfg.eval_start_end and start == 0:
-        res = held_out_eval(run, eval_examples)
-        state["eval_before"] = res["eval/em"]
-        log({"step": 0, **res})
-        if rank == 0:
+    run = setup(parse_config(argv))
+    cfg = run.cfg
+    if cfg.eval_start_end and run.start == 0:
+        res = held_out_eval(run)
+        run.state["eval_before"] = res["eval/em"]
+        run.log.log({"step": 0, **res})
+        if run.rank == 0:
             tqdm.write(f"held-out eval before training: EM {100 * res['eval/em']:.1f}  "
                        f"searches {res['eval/searches']:.2f}")
 
     row = {}
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0,
+    bar = tqdm(range(run.start + 1, cfg.steps + 1), initial=run.start, total=cfg.steps, disable=run.rank != 0,
                desc="train", dynamic_ncols=True, file=sys.stderr)
     for step in bar:
-        row, warn, samples = train_step(run, step)
-        last = step == cfg.steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_start_end):
-            row.update(held_out_eval(run, eval_examples))
-        log(row)
-        if warn and step - state["warned_at"] >= cfg.lld_window:  # once per window
-            state["warned_at"] = step
-        else:
-            warn = ""
-        if rank == 0:
-            bar.set_postfix(reward=f"{row['rollout/reward']:.3f}", em=f"{row['rollout/em']:.3f}")
-            tqdm.write(fmt_line(row, cfg.steps))
-            if warn:
-                tqdm.write(f"LLD death spiral warning at step {step}: {warn}")
-            if row["train/skipped_steps"]:
-                tqdm.write(f"step {step}: skipped {row['train/skipped_steps']} optimiser step(s) with a "
-                           f"non-finite loss or gradient norm ({state['skipped_total']} so far)")
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                log_samples(run, step, *samples)
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state, cfg.keep_checkpoints)
-            barrier()
-            if path is not None:
-                tqdm.write(f"saved {path}")
+        row = train_step(run, step)
+        if run.rank == 0:
+            bar.set_postfix(reward=f"{row['rollout/reward']:.3f}")
     bar.close()
-    if rank == 0 and "eval/em" in row and cfg.eval_start_end:
+    if run.rank == 0 and "eval/em" in row and cfg.eval_start_end:
         print(f"held-out eval after training: EM {100 * row['eval/em']:.1f}  searches {row['eval/searches']:.2f}")
-        print(f"held-out EM: before {100 * state['eval_before']:.1f} after {100 * row['eval/em']:.1f}", flush=True)
-    if wb is not None:
-        wb.finish()
+        print(f"held-out EM: before {100 * run.state['eval_before']:.1f} after {100 * row['eval/em']:.1f}", flush=True)
+    run.log.finish()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """Run plumbing for train.py, none of it RL: a dataclass config from YAML and flags, processes (torchrun,
-FSDP2 / DDP, metric reduction), and atomic, resumable checkpoints.
+FSDP2 / DDP, metric reduction), the run directory (its refusals, config.yaml, metrics.jsonl and wandb), and
+atomic, resumable checkpoints.
 
 Config: `parse_dataclass(Config, argv)` makes every field a flag (`--name VALUE`, bools take true/false) with its
 `metadata["help"]`; precedence is defaults < a resumed run's config.yaml < `--config FILE` < flags. An unknown
@@ -214,11 +215,12 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 class Meter:
-    """Metrics as (numerator, denominator) sums plus maxima, reduced over ranks in two collectives.
-    Every rank must add the same names (a 0 denominator or -inf when it has nothing)."""
+    """Metrics as (numerator, denominator) sums, maxima and minima, reduced over ranks in three collectives.
+    Every rank must add the same names (a 0 denominator, -inf for a maximum or inf for a minimum when it has
+    nothing); a metric nobody had anything for is left out of the row."""
 
     def __init__(self):
-        self.num, self.den, self.max = {}, {}, {}
+        self.num, self.den, self.max, self.min = {}, {}, {}, {}
 
     def add(self, name: str, num: float, den: float = 1.0):
         self.num[name] = self.num.get(name, 0.0) + float(num)
@@ -227,19 +229,105 @@ class Meter:
     def add_max(self, name: str, value: float):
         self.max[name] = max(self.max.get(name, -math.inf), float(value))
 
+    def add_min(self, name: str, value: float):
+        self.min[name] = min(self.min.get(name, math.inf), float(value))
+
     def reduce(self, device) -> dict:
         import torch
         import torch.distributed as dist
 
-        keys, mkeys = sorted(self.num), sorted(self.max)
+        keys = sorted(self.num)
         t = all_sum(torch.tensor([self.num[k] for k in keys] + [self.den[k] for k in keys],
                                  dtype=torch.float64, device=device)).tolist()
-        m = torch.tensor([self.max[k] for k in mkeys], dtype=torch.float64, device=device)
-        if dist.is_initialized() and mkeys:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX)
         out = {k: t[i] / t[i + len(keys)] for i, k in enumerate(keys) if t[i + len(keys)] > 0}
-        out.update((k, v) for k, v in zip(mkeys, m.tolist()) if math.isfinite(v))
+        for values, op in ((self.max, "MAX"), (self.min, "MIN")):
+            names = sorted(values)
+            m = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+            if dist.is_initialized() and names:
+                dist.all_reduce(m, op=getattr(dist.ReduceOp, op))
+            out.update((k, v) for k, v in zip(names, m.tolist()) if math.isfinite(v))
         return out
+
+
+# ------------------------------------------------------------------------------------------------ the run directory
+
+def run_dir_for(cfg) -> tuple[Path, Path | None]:
+    """The run directory (cfg.run_dir, or runs/<date-time> named by rank 0) and, with cfg.resume, the checkpoint
+    to continue from. Refuses what would mix two runs: a run_dir that already holds one (without --resume), a
+    --resume with no checkpoint yet, or a path that is a file."""
+    import time
+
+    import torch.distributed as dist
+
+    run_dir = cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+    if dist.is_initialized():  # ranks could straddle a second
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if not cfg.resume and (run_dir / "config.yaml").exists():
+        how = f"pass --resume {run_dir} to continue it" if latest_checkpoint(run_dir) else "it has no checkpoint"
+        raise UserError(f"run_dir {run_dir} already holds a run ({how}); choose another --run_dir")
+    if cfg.resume and ckpt is None:
+        raise UserError(f"--resume {cfg.resume} has no checkpoint yet (no {run_dir / 'latest'}); "
+                        "start it again in a new --run_dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run_dir {run_dir} is a file; give a folder path")
+    return run_dir, ckpt
+
+
+def write_config(run_dir: Path, cfg) -> None:
+    """Rank 0 creates run_dir and writes the resolved config to run_dir/config.yaml (and prints it)."""
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    if rank_world()[0] != 0:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--run_dir {run_dir} cannot be created ({e.strerror}); pick a writable folder") from None
+    write_atomic(run_dir / "config.yaml", text)
+    print("config:\n  " + text.strip().replace("\n", "\n  "), flush=True)
+
+
+def resume_from(ckpt: Path, run_dir: Path, model, optimizer, scheduler, state: dict) -> int:
+    """Load the optimiser and scheduler of `ckpt` and its values of the keys of `state` (in place); drop the rows
+    metrics.jsonl and trajectories.jsonl got after it. Returns its step."""
+    saved = load_checkpoint(ckpt, model, optimizer, scheduler)
+    state.update({k: saved[k] for k in state})
+    if rank_world()[0] == 0:
+        truncate_jsonl(run_dir / "metrics.jsonl", saved["step"])
+        truncate_jsonl(run_dir / "trajectories.jsonl", saved["step"])
+        print(f"resumed from {ckpt} at step {saved['step']}", flush=True)
+    return saved["step"]
+
+
+class MetricsLog:
+    """One row per step into run_dir/metrics.jsonl and, with a wandb project, to wandb (rank 0 only; one wandb run
+    across resumes, its id kept in run_dir/wandb_id)."""
+
+    def __init__(self, run_dir: Path, cfg):
+        self.path, self.wb = run_dir / "metrics.jsonl", None
+        self.on = rank_world()[0] == 0
+        if cfg.wandb_project and self.on:
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            if not id_file.exists():
+                write_atomic(id_file, os.urandom(4).hex())
+            self.wb = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=id_file.read_text().strip(),
+                                 resume="allow", dir=str(run_dir), mode=cfg.wandb_mode, config=dataclasses.asdict(cfg))
+
+    def log(self, row: dict) -> None:
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wb is not None:
+                self.wb.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def finish(self) -> None:
+        if self.wb is not None:
+            self.wb.finish()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -446,6 +446,7 @@ class DecodeTimer:
 
 def section_rollout(s: Section, args, device):
     import rollout as ro
+    import train
     from transformers import AutoTokenizer
 
     sz = SIZES[args.tiny]
@@ -461,7 +462,8 @@ def section_rollout(s: Section, args, device):
           f"{str(dtype).split('.')[-1]}; KV {kv_tok} bytes per token per row")
     s.fig("copy_bandwidth_gb_s", bw / 1e9, "GB/s", "measured in this section, the roofline's bandwidth")
     T = sz["new_tokens"]
-    cfg = ro.RolloutConfig(max_turns=0, max_turn_tokens=T, greedy=True, max_context=sz["prompt_tokens"] * 2 + T)
+    cfg = train.rollout_config(train.Config(max_turns=0, max_turn_tokens=T, max_context=sz["prompt_tokens"] * 2 + T),
+                               greedy=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def ours(prompts, cfg=cfg):
@@ -479,7 +481,7 @@ def section_rollout(s: Section, args, device):
         # warm-up at this row count, short prompts and 4 new tokens: kernels for these shapes, the allocator, the
         # tokenizer's tag table
         warm = rollout_prompts(tok, rows, 16, seed=99)
-        ours(warm, ro.RolloutConfig(max_turns=0, max_turn_tokens=4, greedy=True))
+        ours(warm, train.rollout_config(train.Config(max_turns=0, max_turn_tokens=4), greedy=True))
         hf([ro.wrap_prompt(tok, p) for p in warm], 4)
         prompts = rollout_prompts(tok, rows, sz["prompt_tokens"] - overhead, seed=rows)
         ids = [ro.wrap_prompt(tok, p) for p in prompts]
@@ -534,7 +536,7 @@ def synthetic_batch(rows: int, prompt: int, response: int, vocab: int, group: in
     trajs = [R.Trajectory(group_id=r // group, prompt_ids=torch.randint(3, vocab, (prompt,), generator=g).tolist(),
                           response_ids=torch.randint(3, vocab, (response,), generator=g).tolist(),
                           loss_mask=[1] * response, turn_spans=[(0, response)], sample_logprobs=[0.0] * response,
-                          num_searches=0, num_valid_actions=1, answered=True, answer=None, text="")
+                          num_searches=0, num_valid_actions=1, answer=None, text="")
              for r in range(rows)]
     rewards = torch.tensor([float(r % 2) for r in range(rows)])  # every group has both: advantages are not 0
     adv = L.group_advantages(rewards, torch.tensor([t.group_id for t in trajs]))
@@ -579,7 +581,7 @@ def section_train(s: Section, args, device):
                            micro_batch_size=micro, llds_coef=0.2, kl_coef=0.001 if ref else 0.0, bf16=cuda,
                            device=str(device), lr=1e-6, grad_checkpointing=gc)
         run = train.Run(cfg, Path("."), 0, 1, device, model, ref_model if ref else None, None, opt, sched, None,
-                        [], {})
+                        [], [])
 
         def step():
             with train.autocast(run):

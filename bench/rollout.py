@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import rollout as ro  # noqa: E402
+import train  # noqa: E402
 from search_env import INVALID_ACTION_MSG, format_observation  # noqa: E402
 from utils import UserError, cli  # noqa: E402
 
@@ -72,7 +73,7 @@ def baseline_rollout(model, tok, prompts, retriever, cfg: ro.RolloutConfig):
                     break
         ro._act(T, rows, tok, retriever, cfg, turn, obs_ids)  # the protocol step is rollout()'s own
     return [ro.Trajectory(0, t.prompt_ids, t.response_ids, t.loss_mask, t.spans, t.logprobs, t.searches, t.valid,
-                          t.answered, t.answer, tok.decode(t.response_ids))
+                          t.answer, tok.decode(t.response_ids))
             for t in T]
 
 
@@ -102,8 +103,8 @@ def child(args):
     """One engine in this process: warm-up, then the timed run; results as JSON on stdout's last line."""
     torch.set_num_threads(args.threads)
     model, tok, prompts, retriever = load(args)
-    cfg = ro.RolloutConfig(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
-                           max_obs_tokens=args.max_obs_tokens, greedy=True)
+    cfg = train.rollout_config(train.Config(max_turns=args.max_turns, max_turn_tokens=args.max_turn_tokens,
+                                            max_obs_tokens=args.max_obs_tokens), greedy=True)
     run = (lambda p: ro.rollout(model, tok, p, list(range(len(p))), retriever, cfg)) if args.engine == "ours" \
         else (lambda p: baseline_rollout(model, tok, p, retriever, cfg))
     run(prompts[::args.samples][:4])  # warm-up: allocator, JVM, kernels
@@ -123,7 +124,7 @@ def child(args):
     gen = sum(sum(t.loss_mask) for t in trajs)
     print(json.dumps({"seconds": dt, "trajectories": len(trajs), "generated_tokens": gen, "peak_mib": peak,
                       "searches": sum(t.num_searches for t in trajs),
-                      "answered": sum(t.answered for t in trajs),
+                      "answered": sum(t.answer is not None for t in trajs),
                       "responses": [t.response_ids for t in trajs], "masks": [t.loss_mask for t in trajs]}))
 
 

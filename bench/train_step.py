@@ -86,7 +86,7 @@ def synthetic_batch(rows, prompt_len, turn_len, obs_len, turns, vocab, group_siz
         p = torch.randint(3, vocab, (int(prompt_len * (0.8 + 0.4 * torch.rand(1, generator=g))),), generator=g)
         trajs.append(R.Trajectory(group_id=r // group_size, prompt_ids=p.tolist(), response_ids=ids, loss_mask=mask,
                                   turn_spans=[], sample_logprobs=[0.0] * len(ids), num_searches=n_turns - 1,
-                                  num_valid_actions=n_turns, answered=True, answer=None, text=""))
+                                  num_valid_actions=n_turns, answer=None, text=""))
     rewards = torch.randint(0, 2, (rows,), generator=g).float()
     return trajs, rewards
 
@@ -130,7 +130,7 @@ def bench(args):
     tokens = int(batch.attention_mask.sum())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    run = train.Run(cfg, Path("."), 0, 1, device, model, None, None, opt, sched, None, [], {})
+    run = train.Run(cfg, Path("."), 0, 1, device, model, None, None, opt, sched, None, [], [])
     print(f"shape {args.shape}: {n_params / 1e6:.2f}M params on {device}; batch {args.rows} rows, "
           f"{batch.input_ids.shape[1]} columns, {tokens} real tokens "
           f"({int(batch.response_mask.sum())} trained); mini-batch {args.mini_batch_size}, micro-batch "

@@ -10,8 +10,15 @@ import pytest
 
 import eval as ev
 import search_env
+import train
 from search_env import exact_match, f1_score
 from utils import UserError
+
+
+def cli_settings(greedy=False, **kw):
+    """The rollout settings eval.py's command line uses (4 searching turns of up to 500 tokens), as train builds
+    them from train.Config."""
+    return train.rollout_config(train.Config(max_turns=4, max_turn_tokens=ev.PAPER_TURN_TOKENS, **kw), greedy)
 
 
 def _fail(argv) -> str:
@@ -280,13 +287,12 @@ def test_toy_test_split_end_to_end(toy_dir, toy_run):
 
 
 def test_evaluate_api_is_greedy_quiet_and_restores_train_mode(toy_dir, bm25, capsys):
-    import rollout
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(toy_dir / "model")
     tok = AutoTokenizer.from_pretrained(toy_dir / "model", padding_side="left")
     exs = ev.spread(ev.load_qa(str(toy_dir / "test.parquet")), 8)
-    cfg = rollout.RolloutConfig(greedy=False, temperature=1.5)  # evaluate must decode greedily anyway
+    cfg = cli_settings(temperature=1.5)  # evaluate must decode greedily anyway
     capsys.readouterr()  # drop the loading messages
     model.train()
     a = ev.evaluate(model, tok, exs, bm25, cfg, batch_size=8, progress=False)
@@ -308,7 +314,7 @@ def test_single_question_prints_the_trajectory(toy_dir, bm25):
     model = AutoModelForCausalLM.from_pretrained(toy_dir / "model")
     tok = AutoTokenizer.from_pretrained(toy_dir / "model", padding_side="left")
     [traj] = rollout.rollout(model, tok, [search_env.make_prompt(q)], [0], bm25,
-                             rollout.RolloutConfig(greedy=True))
+                             cli_settings(greedy=True))
     assert printed == ev.format_trajectory(q, traj, tok) + "\n"
     lines = printed.splitlines()
     assert lines[0] == f"Question: {q}"
@@ -318,7 +324,8 @@ def test_single_question_prints_the_trajectory(toy_dir, bm25):
         titles = [h["contents"].split("\n")[0] for h in bm25.search([query], 3)[0]]
         i = lines.index(f">>> search: {query}")
         assert lines[i + 1:i + 4] == [f"    {j}. {t}" for j, t in enumerate(titles, 1)]
-    assert lines[-2] == (f"Answer: {traj.answer}" if traj.answered else "Answer: none (the model never answered)")
+    assert lines[-2] == (f"Answer: {traj.answer}" if traj.answer is not None
+                         else "Answer: none (the model never answered)")
 
 
 def test_format_trajectory_by_hand(toy_dir):
@@ -339,7 +346,7 @@ def test_format_trajectory_by_hand(toy_dir):
             spans.append((len(ids), len(ids) + len(piece)))
         ids += piece
     text = tok.decode(ids)
-    traj = rollout.Trajectory(0, [], ids, [0] * len(ids), spans, [0.0] * len(ids), 1, 2, True,
+    traj = rollout.Trajectory(0, [], ids, [0] * len(ids), spans, [0.0] * len(ids), 1, 2,
                               search_env.extract_answer(text), text)
     assert ev.format_trajectory("capital of france?", traj, tok).splitlines() == [
         "Question: capital of france?", "",
@@ -357,7 +364,6 @@ def test_retriever_url_run_equals_index_run(toy_dir, bm25, tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import rollout
 
     server = search_env.make_server(bm25, port=0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -373,7 +379,7 @@ def test_retriever_url_run_equals_index_run(toy_dir, bm25, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(toy_dir / "model")
     tok = AutoTokenizer.from_pretrained(toy_dir / "model", padding_side="left")
     exs = ev.spread(ev.load_qa(str(toy_dir / "test.parquet")), 10)
-    direct = ev.evaluate(model, tok, exs, bm25, rollout.RolloutConfig(), batch_size=10, progress=False)
+    direct = ev.evaluate(model, tok, exs, bm25, cli_settings(), batch_size=10, progress=False)
     assert via_url == direct["trajectories"]
     assert res["per_source"] == direct["per_source"] and res["config"]["retriever_url"] == url
     assert sum(x["num_searches"] for x in via_url) > 0  # the server was used

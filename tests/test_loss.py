@@ -17,6 +17,21 @@ def close(a, b, tol=1e-9):
     return torch.allclose(torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D), atol=tol, rtol=tol)
 
 
+def pg_loss(logp, old_logp, advantages, mask, **kw):
+    """The clipped surrogate alone, through the one entry point train.py calls: compute_loss with every other
+    term at its default coefficient 0 -> (loss, metrics)."""
+    return L.compute_loss(logp, old_logp, advantages, mask, **kw)
+
+
+def llds_loss(lp, old, adv, mask, gate="action", coef=0.2, answer_mask=None, answer_coef=None, num_tokens=None):
+    """The LLDS term alone, through compute_loss: the loss with LLDS at `coef` minus the same loss with LLDS off
+    (the policy term is computed identically in both), and the metrics of the first -> (loss, metrics)."""
+    kw = dict(answer_mask=answer_mask, answer_coef=answer_coef, num_tokens=num_tokens)
+    with_llds, m = L.compute_loss(lp, old, adv, mask, llds_coef=coef, llds_gate=gate, **kw)
+    without, _ = L.compute_loss(lp, old, adv, mask, **kw)
+    return with_llds - without, m
+
+
 # ---------------------------------------------------------------- group advantages
 
 def test_group_advantages_hand_values_non_contiguous_groups():
@@ -121,16 +136,16 @@ def test_policy_loss_token_hand_values_all_aggs():
     #   row 0 (A=+1): r=1 -> -1 ; r=1.5 -> max(-1.5, -1.2) = -1.2 (clipped high)
     #   row 1 (A=-2): r=.7 -> max(1.4, 1.6) = 1.6 (clipped low) ; r=1.1 -> 2.2 ; r=2 -> max(4, 2.4) = 4.0
     # token-mean: (-1 - 1.2 + 1.6 + 2.2 + 4.0) / 5 = 5.6 / 5 = 1.12
-    loss, m = L.policy_loss(lp, old, adv, mask)
+    loss, m = pg_loss(lp, old, adv, mask)
     assert close(loss, 1.12)
     # seq-mean-token-mean: (-2.2 / 2 + 7.8 / 3) / 2 = (-1.1 + 2.6) / 2 = 0.75
-    assert close(L.policy_loss(lp, old, adv, mask, agg="seq-mean-token-mean")[0], 0.75)
+    assert close(pg_loss(lp, old, adv, mask, agg="seq-mean-token-mean")[0], 0.75)
     # seq-mean-token-sum-norm, norm_len = width 3: (-2.2 / 3 + 7.8 / 3) / 2 = 5.6 / 6
-    assert close(L.policy_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm")[0], 5.6 / 6)
+    assert close(pg_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm")[0], 5.6 / 6)
     # ... with norm_len = 10 and num_seqs = 4: (-2.2 + 7.8) / 10 / 4 = 0.14
-    assert close(L.policy_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm", norm_len=10, num_seqs=4)[0], 0.14)
+    assert close(pg_loss(lp, old, adv, mask, agg="seq-mean-token-sum-norm", norm_len=10, num_seqs=4)[0], 0.14)
     # token-mean with num_tokens = 8: 5.6 / 8 = 0.7
-    assert close(L.policy_loss(lp, old, adv, mask, num_tokens=8)[0], 0.7)
+    assert close(pg_loss(lp, old, adv, mask, num_tokens=8)[0], 0.7)
     # metrics over the 5 masked tokens: low clip (1,0), high clip (0,1) -> 1/5 each
     assert close(m["train/clipfrac_low"], 0.2) and close(m["train/clipfrac_high"], 0.2)
     assert m["train/clipfrac_dual"] == 0.0 and m["train/tokens"] == 5.0
@@ -145,12 +160,12 @@ def test_policy_loss_token_hand_values_all_aggs():
 def test_policy_loss_asymmetric_clip():
     lp, old, adv, mask = _pg_case()
     # clip_high .28 (DAPO): r=1.5, A=+1 -> max(-1.5, -1.28) = -1.28: (-1 - 1.28 + 1.6 + 2.2 + 4) / 5 = 5.52 / 5
-    loss, m = L.policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    loss, m = pg_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
     assert close(loss, 1.104) and close(m["train/clipfrac_high"], 0.2)
     # clip_low .1: r=.7, A=-2 -> max(1.4, 2 * .9) = 1.8: (-1 - 1.2 + 1.8 + 2.2 + 4) / 5 = 5.8 / 5
-    assert close(L.policy_loss(lp, old, adv, mask, clip_low=0.1, clip_high=0.2)[0], 1.16)
+    assert close(pg_loss(lp, old, adv, mask, clip_low=0.1, clip_high=0.2)[0], 1.16)
     # clip_high .6: r=1.5 is inside, no high clipping: (-1 - 1.5 + 1.6 + 2.2 + 4) / 5 = 5.3 / 5
-    loss, m = L.policy_loss(lp, old, adv, mask, clip_high=0.6)
+    loss, m = pg_loss(lp, old, adv, mask, clip_high=0.6)
     assert close(loss, 1.06) and m["train/clipfrac_high"] == 0.0
 
 
@@ -159,7 +174,7 @@ def test_clip_fractions_count_only_active_clips():
     # max(-.5, -.8) = -.5 and max(1.5, 1.2) = 1.5 -> no clip counted; mean (-.5 + 1.5) / 2 = .5
     old = t([[0.0], [0.0]])
     lp = t([[math.log(0.5)], [math.log(1.5)]])
-    loss, m = L.policy_loss(lp, old, t([1.0, -1.0]), t([[1], [1]]))
+    loss, m = pg_loss(lp, old, t([1.0, -1.0]), t([[1], [1]]))
     assert close(loss, 0.5) and m["train/clipfrac_low"] == 0.0 and m["train/clipfrac_high"] == 0.0
 
 
@@ -174,7 +189,7 @@ def test_half_precision_log_probs_run_in_float32():
 
 def test_policy_loss_token_gradient_by_hand():
     lp, old, adv, mask = _pg_case()
-    loss, _ = L.policy_loss(lp, old, adv, mask)
+    loss, _ = pg_loss(lp, old, adv, mask)
     loss.backward()
     # d/dlp of -A r / 5 = -A r / 5 where unclipped, 0 where clipped or masked:
     #   (0,0): -1 * 1 / 5 = -.2 ; (1,1): 2 * 1.1 / 5 = .44 ; (1,2): 2 * 2 / 5 = .8
@@ -185,12 +200,12 @@ def test_policy_loss_dual_clip_hand_values():
     lp, old, adv, mask = _pg_case()
     # c = 1.5: for A = -2 the loss is capped at -c A = 3: token r=2 goes 4.0 -> 3.0
     # token-mean: (-1 - 1.2 + 1.6 + 2.2 + 3.0) / 5 = 4.6 / 5 = 0.92 ; dual fraction 1/5
-    loss, m = L.policy_loss(lp, old, adv, mask, dual_clip=1.5)
+    loss, m = pg_loss(lp, old, adv, mask, dual_clip=1.5)
     assert close(loss, 0.92) and close(m["train/clipfrac_dual"], 0.2)
     loss.backward()
     assert close(lp.grad, [[-0.2, 0.0, 0.0], [0.0, 0.44, 0.0]])  # the capped token has no gradient
     with pytest.raises(ValueError, match="dual_clip"):
-        L.policy_loss(lp, old, adv, mask, dual_clip=0.5)
+        pg_loss(lp, old, adv, mask, dual_clip=0.5)
 
 
 def test_policy_loss_gspo_hand_values_and_gradient():
@@ -200,7 +215,7 @@ def test_policy_loss_gspo_hand_values_and_gradient():
     lp = (old + t([[0.1, 0.3, 5.0], [-0.3, 0.0, -0.3]])).requires_grad_(True)
     adv, mask = t([1.0, -2.0]), t([[1, 1, 0], [1, 1, 1]])
     s1 = math.exp(-0.2)
-    loss, m = L.policy_loss(lp, old, adv, mask, ratio_level="sequence")
+    loss, m = pg_loss(lp, old, adv, mask, ratio_level="sequence")
     # token-mean: (2 * -1.2 + 3 * 2 s1) / 5
     assert close(loss, (-2.4 + 6 * s1) / 5)
     assert close(m["train/ratio_mean"], (2 * math.exp(0.2) + 3 * s1) / 5)
@@ -209,7 +224,7 @@ def test_policy_loss_gspo_hand_values_and_gradient():
     # row 0 clipped -> 0 ; row 1: d/dlp_t of 3 * 2 s1 / 5 with ds1/dlp_t = s1 / 3 -> 2 s1 / 5 = .327492 per token
     assert close(lp.grad, [[0.0, 0.0, 0.0], [2 * s1 / 5] * 3])
     # GSPO paper's objective (one term per response) = seq-mean-token-mean: (-1.2 + 2 s1) / 2
-    assert close(L.policy_loss(lp, old, adv, mask, ratio_level="sequence", agg="seq-mean-token-mean")[0],
+    assert close(pg_loss(lp, old, adv, mask, ratio_level="sequence", agg="seq-mean-token-mean")[0],
                  (-1.2 + 2 * s1) / 2)
 
 
@@ -230,7 +245,7 @@ def _random_case(seed, B=4, T=7):
 @pytest.mark.parametrize("dual_clip", [None, 1.2])
 def test_policy_loss_gradcheck(ratio_level, agg, dual_clip):
     lp, old, adv, mask = _random_case(0)
-    f = lambda x: L.policy_loss(x, old, adv, mask, ratio_level=ratio_level, agg=agg, dual_clip=dual_clip)[0]
+    f = lambda x: pg_loss(x, old, adv, mask, ratio_level=ratio_level, agg=agg, dual_clip=dual_clip)[0]
     assert torch.autograd.gradcheck(f, (lp,))
 
 
@@ -238,7 +253,7 @@ def test_policy_loss_log_ratio_clamped_at_20():
     # lp - old = 30 and -30 with A = -1: r = exp(clamp(.)) = e^20 and e^-20; loss max(r, clip(r)) = e^20 and 0.8
     old = t([[0.0, 0.0]])
     lp = t([[30.0, -30.0]], requires_grad=True)
-    loss, m = L.policy_loss(lp, old, t([-1.0]), t([[1, 1]]))
+    loss, m = pg_loss(lp, old, t([-1.0]), t([[1, 1]]))
     assert close(loss, (math.exp(20) + 0.8) / 2, 1e-12) and close(m["train/ratio_max"], math.exp(20), 1e-12)
     loss.backward()
     assert torch.equal(lp.grad, torch.zeros(1, 2, dtype=D))  # outside the clamp, and clipped: no gradient
@@ -249,12 +264,12 @@ def test_policy_loss_empty_mask_rows():
     mask2 = torch.cat([mask, torch.zeros(1, 3, dtype=D)])  # a third row with an empty mask
     lp2 = torch.cat([lp.detach(), t([[0.5, -40.0, float("nan")]])]).requires_grad_(True)  # garbage in it
     old2, adv2 = torch.cat([old, t([[float("-inf"), 0.0, 0.0]])]), t([1.0, -2.0, 3.0])
-    loss, m = L.policy_loss(lp2, old2, adv2, mask2)
+    loss, m = pg_loss(lp2, old2, adv2, mask2)
     assert close(loss, 1.12) and close(m["train/ratio_max"], 2.0)  # the empty row changes nothing
     loss.backward()
     assert torch.equal(lp2.grad[2], torch.zeros(3, dtype=D))
     # seq-mean-token-mean: the empty row counts in the denominator: (-1.1 + 2.6) / 3 = 0.5
-    assert close(L.policy_loss(lp2, old2, adv2, mask2, agg="seq-mean-token-mean")[0], 0.5)
+    assert close(pg_loss(lp2, old2, adv2, mask2, agg="seq-mean-token-mean")[0], 0.5)
     # every term on: the garbage in the empty row (NaN, -inf, inf) reaches neither loss nor gradient
     ref2 = torch.cat([old, t([[float("inf"), float("-inf"), 0.0]])])
     ent2 = torch.cat([t([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]), t([[float("nan")] * 3])])
@@ -267,7 +282,7 @@ def test_policy_loss_empty_mask_rows():
     # all masks empty: loss 0, metrics finite, gradient 0
     z = torch.zeros(3, 3, dtype=D)
     for agg in L.AGGS:
-        loss, m = L.policy_loss(lp2, old2, adv2, z, agg=agg)
+        loss, m = pg_loss(lp2, old2, adv2, z, agg=agg)
         assert loss.item() == 0.0 and all(math.isfinite(v) for v in m.values())
         lp2.grad = None
         loss.backward()
@@ -281,14 +296,28 @@ def test_policy_loss_bad_inputs_raise():
                      (dict(advantages=adv[:, None].expand(2, 3)), "advantages"), (dict(logp=lp[0]), "logp")):
         args = dict(logp=lp, old_logp=old, advantages=adv, mask=mask) | kw
         with pytest.raises(ValueError, match=name):
-            L.policy_loss(**args)
+            pg_loss(**args)
     with pytest.raises(ValueError, match="agg"):
-        L.policy_loss(lp, old, adv, mask, agg="token-sum")
+        pg_loss(lp, old, adv, mask, agg="token-sum")
     with pytest.raises(ValueError, match="ratio_level"):
-        L.policy_loss(lp, old, adv, mask, ratio_level="seq")
+        pg_loss(lp, old, adv, mask, ratio_level="seq")
 
 
 # ---------------------------------------------------------------- LLDS
+
+def test_actions_hand_values():
+    # row 0: actions [1, -2] and [3, 4] around an observation; row 1: a lone token [-1], then [5, 5]
+    x = torch.tensor([[1.0, -2.0, 9.0, 3.0, 4.0, 0.0], [-1.0, 5.0, 5.0, 5.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 0, 0]])
+    ids, starts = L.actions(m)
+    assert ids.tolist() == [[1, 1, 0, 2, 2, 0], [1, 0, 2, 2, 0, 0]]
+    assert starts.tolist() == [[True, False, False, True, False, False], [True, False, True, False, False, False]]
+    sums = L.action_sums(x, ids)
+    assert sums[0, 1:3].tolist() == [-1.0, 7.0] and sums[1, 1:3].tolist() == [-1.0, 10.0]
+    assert sums[:, 0].tolist() == [0.0, 0.0] and sums[:, 3:].abs().sum() == 0  # off-mask tokens add nothing
+    assert starts.sum(1).tolist() == [2, 2] and ((sums[:, 1:] < 0) & (ids.max(1).values[:, None] >=
+                                                 torch.arange(1, 7)[None])).sum().item() == 2  # 2 of 4 fell
+
 
 def _llds_case():
     # delta = old - lp, chosen per token; masked positions hold garbage
@@ -306,7 +335,7 @@ def test_llds_action_gate_hand_values_and_gradient():
     # gated actions: row 0 first action (relu: .5 + 0), row 1 both (.3 ; .2 + 0); row 0 second action closed
     # although its token .2 > 0. Sum of penalties = .5 + .3 + .2 = 1.0 over 10 mask tokens:
     # L = .2 * 1.0 / 10 = .02
-    loss, m = L.llds_loss(lp, old, adv, mask)
+    loss, m = llds_loss(lp, old, adv, mask)
     assert close(loss, 0.02)
     assert m["llds/preserving_tokens"] == 7.0  # 4 + 3
     assert m["llds/actions"] == 4.0 and m["llds/gated_actions"] == 3.0 and close(m["llds/gated_share"], 0.75)
@@ -323,7 +352,7 @@ def test_llds_response_gate_hand_values():
     lp, old, adv, mask = _llds_case()
     # row 0: signed sum .5 - .2 - .4 + .2 = .1 > 0 -> open: relu .5 + .2 = .7 ; row 1: .3 + .2 - .1 = .4 -> .5
     # L = .2 * 1.2 / 10 = .024 ; 2 responses, both gated
-    loss, m = L.llds_loss(lp, old, adv, mask, gate="response")
+    loss, m = llds_loss(lp, old, adv, mask, gate="response")
     assert close(loss, 0.024)
     assert m["llds/actions"] == 2.0 and m["llds/gated_actions"] == 2.0 and m["llds/gated_share"] == 1.0
     loss.backward()
@@ -337,25 +366,25 @@ def test_llds_answer_span_coefficient():
     ans = torch.zeros(3, 6)
     ans[0, 0] = ans[1, 3] = 1
     # answer tokens get min(.05, .2) = .05: (.5 * .05 + .3 * .2 + .2 * .05) / 10 = (.025 + .06 + .01) / 10
-    assert close(L.llds_loss(lp, old, adv, mask, answer_mask=ans, answer_coef=0.05)[0], 0.0095)
+    assert close(llds_loss(lp, old, adv, mask, answer_mask=ans, answer_coef=0.05)[0], 0.0095)
     # answer_coef above coef: min picks coef -> the plain value .02 ; answer_mask alone: plain value
-    assert close(L.llds_loss(lp, old, adv, mask, answer_mask=ans, answer_coef=0.5)[0], 0.02)
-    assert close(L.llds_loss(lp, old, adv, mask, answer_mask=ans)[0], 0.02)
+    assert close(llds_loss(lp, old, adv, mask, answer_mask=ans, answer_coef=0.5)[0], 0.02)
+    assert close(llds_loss(lp, old, adv, mask, answer_mask=ans)[0], 0.02)
     # num_tokens = 20 halves it: .2 * 1.0 / 20
-    assert close(L.llds_loss(lp, old, adv, mask, num_tokens=20)[0], 0.01)
+    assert close(llds_loss(lp, old, adv, mask, num_tokens=20)[0], 0.01)
 
 
 def test_llds_closed_gate_gives_zero_gradient():
     # one action, delta [.5, -.6]: signed sum -.1 <= 0 -> closed although token 0 lost likelihood
     old = t([[-1.0, -1.0]])
     lp = (old - t([[0.5, -0.6]])).requires_grad_(True)
-    loss, m = L.llds_loss(lp, old, t([1.0]), t([[1, 1]]))
+    loss, m = llds_loss(lp, old, t([1.0]), t([[1, 1]]))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(1, 2, dtype=D))
     assert m["llds/actions"] == 1.0 and m["llds/gated_actions"] == 0.0 and close(m["llds/mean_pos_delta"], 0.25)
     # boundary: a signed sum of exactly 0 (delta .5 and -.5, exact in binary) keeps the gate closed
     lp = (old - t([[0.5, -0.5]])).requires_grad_(True)
-    loss, m = L.llds_loss(lp, old, t([1.0]), t([[1, 1]]))
+    loss, m = llds_loss(lp, old, t([1.0]), t([[1, 1]]))
     loss.backward()
     assert loss.item() == 0.0 and m["llds/gated_actions"] == 0.0 and torch.equal(lp.grad, torch.zeros(1, 2, dtype=D))
 
@@ -364,13 +393,13 @@ def test_llds_zero_advantage_preserved_negative_not():
     old = t([[-1.0, -1.0]])
     lp = old - t([[0.5, 0.1]])
     # A = 0: preserving, L = .2 * .6 / 2 = .06 ; A = -1e-12: not preserving -> 0
-    assert close(L.llds_loss(lp, old, t([0.0]), t([[1, 1]]))[0], 0.06)
-    assert L.llds_loss(lp, old, t([-1e-12]), t([[1, 1]]))[0].item() == 0.0
+    assert close(llds_loss(lp, old, t([0.0]), t([[1, 1]]))[0], 0.06)
+    assert llds_loss(lp, old, t([-1e-12]), t([[1, 1]]))[0].item() == 0.0
 
 
 def test_llds_all_advantages_negative():
     lp, old, _, mask = _llds_case()
-    loss, m = L.llds_loss(lp, old, t([-1.0, -0.5, -2.0]), mask)
+    loss, m = llds_loss(lp, old, t([-1.0, -0.5, -2.0]), mask)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(lp.grad, torch.zeros(3, 6, dtype=D))
     assert m["llds/preserving_tokens"] == 0.0 and m["llds/actions"] == 0.0 and m["llds/gated_share"] == 0.0
@@ -380,25 +409,25 @@ def test_llds_gradcheck_and_bad_inputs():
     lp, old, adv, mask = _random_case(1)
     ans = t([[0, 0, 0, 0, 0, 1, 1]] * 4)
     for gate in ("action", "response"):
-        f = lambda x: L.llds_loss(x, old, adv, mask, gate=gate, answer_mask=ans, answer_coef=0.1)[0]
+        f = lambda x: llds_loss(x, old, adv, mask, gate=gate, answer_mask=ans, answer_coef=0.1)[0]
         assert torch.autograd.gradcheck(f, (lp,))
     with pytest.raises(ValueError, match="gate"):
-        L.llds_loss(lp, old, adv, mask, gate="turn")
+        llds_loss(lp, old, adv, mask, gate="turn")
     with pytest.raises(ValueError, match="answer_mask"):
-        L.llds_loss(lp, old, adv, mask, answer_mask=ans[:, :3], answer_coef=0.1)
+        llds_loss(lp, old, adv, mask, answer_mask=ans[:, :3], answer_coef=0.1)
     with pytest.raises(ValueError, match="answer_mask"):
-        L.llds_loss(lp, old, adv, mask, answer_coef=0.1)
+        llds_loss(lp, old, adv, mask, answer_coef=0.1)
     with pytest.raises(ValueError, match="old_logp"):
-        L.llds_loss(lp, old.T, adv, mask)
+        llds_loss(lp, old.T, adv, mask)
 
 
 # ---------------------------------------------------------------- compute_loss and micro-batches
 
-def test_compute_loss_off_switches_are_exactly_policy_loss():
+def test_compute_loss_off_switches_are_exactly_the_policy_term():
     for ratio_level in ("token", "sequence"):
         lp, old, adv, mask = _random_case(2)
         ref, ent = old - 0.1, torch.rand(4, 7, dtype=D, requires_grad=True)
-        a, ma = L.policy_loss(lp, old, adv, mask, ratio_level=ratio_level)
+        a, ma = L.compute_loss(lp, old, adv, mask, ratio_level=ratio_level)  # no reference, no entropy given
         (ga,) = torch.autograd.grad(a, lp)
         b, mb = L.compute_loss(lp, old, adv, mask, ref_logp=ref, entropy=ent, ratio_level=ratio_level,
                                answer_mask=torch.ones(4, 7), answer_coef=0.1)
@@ -477,9 +506,9 @@ def test_llds_micro_batches_sum_to_one_piece(gate):
     lp, old, adv, mask = _random_case(7)
     old = old + 0.3  # most tokens lost likelihood, so gates open
     n = int(mask.sum())
-    full, mf = L.llds_loss(lp, old, adv, mask, gate=gate, num_tokens=n)
+    full, mf = llds_loss(lp, old, adv, mask, gate=gate, num_tokens=n)
     (g_full,) = torch.autograd.grad(full, lp)
-    parts = [L.llds_loss(lp[r], old[r], adv[r], mask[r], gate=gate, num_tokens=n) for r in (slice(0, 2), slice(2, 4))]
+    parts = [llds_loss(lp[r], old[r], adv[r], mask[r], gate=gate, num_tokens=n) for r in (slice(0, 2), slice(2, 4))]
     (g_parts,) = torch.autograd.grad(parts[0][0] + parts[1][0], lp)
     assert close(parts[0][0] + parts[1][0], full, 1e-12) and close(g_parts, g_full, 1e-12)
     assert full.item() > 1e-3 and mf["llds/gated_actions"] > 0

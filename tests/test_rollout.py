@@ -7,10 +7,15 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwe
 
 import rollout as rollout_module
 import search_env
-from rollout import (Batch, RolloutConfig, Trajectory, collate, response_logprobs, rollout, score,
-                     wrap_prompt)
+import train
+from rollout import Batch, RolloutConfig, Trajectory, collate, response_logprobs, rollout, score, wrap_prompt
 
 TAGS = ("</search>", "</answer>")
+
+
+def rcfg(greedy=False, **kw) -> RolloutConfig:
+    """Rollout settings as train.py builds them: train.Config's defaults with the fields given changed."""
+    return train.rollout_config(train.Config(**kw), greedy)
 
 
 # --------------------------------------------------------------------------------------------- test world
@@ -136,7 +141,7 @@ def test_greedy_kv_engine_equals_full_recompute_random_model(tok, monkeypatch, p
     model = tiny_qwen(len(tok))
     prompts = ["Q: where?", "Question number one about a rather long thing", "x", "what is the capital of it",
                "ab cd", "12345 678", "Q: where?", "ab cd", "Q: where?"]
-    cfg = RolloutConfig(max_turns=2, max_turn_tokens=10, max_obs_tokens=50, greedy=True, max_context=600)
+    cfg = rcfg(max_turns=2, max_turn_tokens=10, max_obs_tokens=50, greedy=True, max_context=600)
     trajs = rollout(model, tok, prompts, list(range(len(prompts))), FakeRetriever(), cfg)
     lengths = set()
     for p, t in zip(prompts, trajs):
@@ -156,7 +161,7 @@ def test_greedy_kv_engine_equals_full_recompute_toy(toy_dir, bm25):
     tokenizer = AutoTokenizer.from_pretrained(toy_dir / "model")
     rows = pq.read_table(toy_dir / "test.parquet").to_pylist()[:8]
     prompts = [r["prompt"][0]["content"] for r in rows]
-    cfg = RolloutConfig(max_turns=3, max_turn_tokens=64, max_obs_tokens=120, greedy=True)
+    cfg = rcfg(max_turns=3, max_turn_tokens=64, max_obs_tokens=120, greedy=True)
     trajs = rollout(model, tokenizer, prompts, list(range(len(prompts))), bm25, cfg)
     for p, t in zip(prompts, trajs):
         resp, mask = slow_rollout(model, tokenizer, p, bm25, cfg)
@@ -245,7 +250,7 @@ def test_scripted_protocol_cases(tok):
         "empty": ids_of(tok, "<search>  </search>", "<answer> a5 </answer>"),
     }
     ret = FakeRetriever()
-    cfg = RolloutConfig(max_turns=2, max_turn_tokens=8 * 5, max_obs_tokens=200, greedy=True)
+    cfg = rcfg(max_turns=2, max_turn_tokens=8 * 5, max_obs_tokens=200, greedy=True)
     # "no tag" needs a cap that cuts it: make its first turn run into the cap of 40 tokens
     scripts["no tag"] = ids_of(tok, "x" * 45, "<answer> a4 </answer>")
     out, _ = run_scripted(tok, scripts, cfg, ret)
@@ -263,7 +268,7 @@ def test_scripted_protocol_cases(tok):
     turn1, turn2 = ids_of(tok, "<think>go</think><search> q1 </search>"), ids_of(tok, "<answer> a1 </answer>")
     assert t.response_ids == turn1 + obs_ids("q1") + turn2
     assert t.turn_spans == [(0, len(turn1)), (len(turn1) + len(obs_ids("q1")), len(t.response_ids))]
-    assert (t.num_searches, t.num_valid_actions, t.answered, t.answer) == (1, 2, True, "a1")
+    assert (t.num_searches, t.num_valid_actions, t.answer is not None, t.answer) == (1, 2, True, "a1")
     assert t.text == tok.decode(t.response_ids) and "NEVER" not in t.text
 
     t = out["glued"]
@@ -274,30 +279,30 @@ def test_scripted_protocol_cases(tok):
     assert t.response_ids[len(turn1):len(turn1) + len(obs_ids("q2")) - 1] == \
         tok(search_env.format_observation(FakeRetriever().search(["q2"], 3)[0])[1:], add_special_tokens=False)[
             "input_ids"]
-    assert (t.num_searches, t.answered, t.answer) == (1, True, "a2")
+    assert (t.num_searches, t.answer is not None, t.answer) == (1, True, "a2")
 
     t = out["direct"]
     assert t.response_ids == ids_of(tok, "<answer> a3 </answer>") and t.loss_mask == [1] * len(t.response_ids)
-    assert (t.num_searches, t.num_valid_actions, t.answered, t.answer) == (0, 1, True, "a3")
+    assert (t.num_searches, t.num_valid_actions, t.answer is not None, t.answer) == (0, 1, True, "a3")
 
     t = out["no tag"]
     assert t.response_ids == ids_of(tok, "x" * 40) + inv + ids_of(tok, "x" * 5, "<answer> a4 </answer>")
     assert t.turn_spans == [(0, 40), (40 + len(inv), len(t.response_ids))]
-    assert (t.num_valid_actions, t.answered, t.answer) == (1, True, "a4")
+    assert (t.num_valid_actions, t.answer is not None, t.answer) == (1, True, "a4")
 
     t = out["eos"]
     # EOS without an action is an invalid action (Search-R1): the EOS leaves the context, the message follows and
     # the policy writes on; turn 2 ("NEVER", EOS) again; the final turn 3 is a lone EOS, kept (nothing follows)
     assert t.response_ids == ids_of(tok, "<think>hm") + inv + ids_of(tok, "NEVER") + inv + [eos]
     assert t.loss_mask[-1] == 1 and eos not in t.response_ids[:-1]
-    assert (t.answered, t.answer, t.num_valid_actions, len(t.turn_spans)) == (False, None, 0, 3)
+    assert (t.answer is not None, t.answer, t.num_valid_actions, len(t.turn_spans)) == (False, None, 0, 3)
 
     t = out["empty"]
     empty = tok(search_env.format_observation([]), add_special_tokens=False)["input_ids"]
     assert tok.decode(empty) == "\n\n<information></information>\n\n"
     first = ids_of(tok, "<search>  </search>")
     assert t.response_ids == first + empty + ids_of(tok, "<answer> a5 </answer>")
-    assert (t.num_searches, t.num_valid_actions, t.answered) == (0, 2, True)
+    assert (t.num_searches, t.num_valid_actions, t.answer is not None) == (0, 2, True)
 
     # masks: the mask-1 runs are exactly the turns; each mask-0 run decodes to an observation or the message
     for t in out.values():
@@ -321,7 +326,7 @@ def test_scripted_final_turn_search_not_executed(tok):
     ret = FakeRetriever()
     scripts = {"final": ids_of(tok, "<search> a </search>", "<search> b </search>", "<answer> no </answer>"),
                "bad": ids_of(tok, BAD)}
-    cfg = RolloutConfig(max_turns=1, max_turn_tokens=20, greedy=True)
+    cfg = rcfg(max_turns=1, max_turn_tokens=20, greedy=True)
     out, _ = run_scripted(tok, scripts, cfg, ret)
     assert ret.calls == [["a"]]
     t = out["final"]
@@ -329,12 +334,14 @@ def test_scripted_final_turn_search_not_executed(tok):
     obs = tok(search_env.format_observation(FakeRetriever().search(["a"], 3)[0]), add_special_tokens=False)
     # the final turn's search is not executed and nothing follows it; the trajectory ends unanswered
     assert t.response_ids == turn1 + obs["input_ids"] + turn2
-    assert (t.num_searches, t.num_valid_actions, t.answered, t.answer, len(t.turn_spans)) == (1, 2, False, None, 2)
+    assert (t.num_searches, t.num_valid_actions, t.answer is not None, t.answer, len(t.turn_spans)) == \
+        (1, 2, False, None, 2)
     t = out["bad"]
     inv = tok(search_env.INVALID_ACTION_MSG, add_special_tokens=False)["input_ids"]
     # turn 1 capped at 20 tokens -> invalid message; final turn capped too, and no message after it
     assert t.response_ids == ids_of(tok, BAD[:20]) + inv + ids_of(tok, BAD[20:40])
-    assert (t.num_valid_actions, t.answered, t.turn_spans) == (0, False, [(0, 20), (20 + len(inv), 40 + len(inv))])
+    assert (t.num_valid_actions, t.answer is not None, t.turn_spans) == \
+        (0, False, [(0, 20), (20 + len(inv), 40 + len(inv))])
     # the invalid-action message itself holds "<answer> and </answer>": the answer must come from model turns only
     assert "<answer> and </answer>" in t.text and t.answer is None
 
@@ -342,7 +349,7 @@ def test_scripted_final_turn_search_not_executed(tok):
 def test_scripted_observation_truncated_keeping_closing_tag(tok):
     ret = FakeRetriever(doc_words=200)
     scripts = {"long": ids_of(tok, "<search> big </search>", "<answer> z </answer>")}
-    cfg = RolloutConfig(max_turns=2, max_obs_tokens=40, greedy=True)
+    cfg = rcfg(max_turns=2, max_turn_tokens=500, max_obs_tokens=40, greedy=True)
     out, _ = run_scripted(tok, scripts, cfg, ret)
     t = out["long"]
     (s, e), = runs(t, 0)
@@ -351,7 +358,7 @@ def test_scripted_observation_truncated_keeping_closing_tag(tok):
     full = search_env.format_observation(ret.search(["big"], 3)[0])
     tail = "</information>\n\n"
     assert text.endswith(tail) and full.startswith(text[:-len(tail)]) and len(full) > len(text)
-    assert t.answered and t.answer == "z"
+    assert t.answer is not None and t.answer == "z"
 
 
 def test_retriever_error_names_the_turn(tok):
@@ -359,25 +366,25 @@ def test_retriever_error_names_the_turn(tok):
                "b": ids_of(tok, "<search> q </search>"), "c": ids_of(tok, "<search> r </search>")}
     model = ScriptedLM(tok, scripts, len(tok))
     with pytest.raises(RuntimeError, match=r"retriever failed in turn 1 on 2 queries: index offline"):
-        rollout(model, tok, list(scripts), [0, 1, 2], Boom(), RolloutConfig(greedy=True, max_turn_tokens=30))
+        rollout(model, tok, list(scripts), [0, 1, 2], Boom(), rcfg(greedy=True, max_turns=4, max_turn_tokens=30))
 
 
 def test_context_cap_stops_the_row(tok):
     scripts = {"p": ids_of(tok, "y" * 100)}
-    cfg = RolloutConfig(max_turns=3, max_turn_tokens=30, greedy=True, max_context=len(wrap_prompt(tok, "p")) + 50)
+    cfg = rcfg(max_turns=3, max_turn_tokens=30, greedy=True, max_context=len(wrap_prompt(tok, "p")) + 50)
     out, _ = run_scripted(tok, scripts, cfg)
     t = out["p"]
     # turn 1: 30 tokens, then the invalid message (does not fit under 50) ends the trajectory
     inv = tok(search_env.INVALID_ACTION_MSG, add_special_tokens=False)["input_ids"]
-    assert len(inv) > 20 and t.response_ids == ids_of(tok, "y" * 30) and not t.answered
+    assert len(inv) > 20 and t.response_ids == ids_of(tok, "y" * 30) and t.answer is None
 
 
 def test_bad_config_is_a_clear_error(tok):
     model = tiny_qwen(len(tok))
     with pytest.raises(ValueError, match="group ids"):
-        rollout(model, tok, ["a", "b"], [0], FakeRetriever(), RolloutConfig())
+        rollout(model, tok, ["a", "b"], [0], FakeRetriever(), rcfg(max_turns=4, max_turn_tokens=500))
     with pytest.raises(ValueError, match="max_context"):
-        rollout(model, tok, ["a" * 50], [0], FakeRetriever(), RolloutConfig(max_context=20))
+        rollout(model, tok, ["a" * 50], [0], FakeRetriever(), rcfg(max_turns=4, max_turn_tokens=500, max_context=20))
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -385,14 +392,14 @@ def test_bad_config_is_a_clear_error(tok):
 def test_seeded_sampling_is_reproducible_and_logprobs_match_training(tok):
     model = tiny_qwen(len(tok), seed=1)
     prompts = ["alpha", "beta gamma", "delta"] * 2
-    cfg = RolloutConfig(max_turns=1, max_turn_tokens=20, temperature=0.7, top_p=0.9, top_k=50)
+    cfg = rcfg(max_turns=1, max_turn_tokens=20, temperature=0.7, top_p=0.9)
     a = rollout(model, tok, prompts, [0, 1, 2, 0, 1, 2], FakeRetriever(), cfg, torch.Generator().manual_seed(3))
     b = rollout(model, tok, prompts, [0, 1, 2, 0, 1, 2], FakeRetriever(), cfg, torch.Generator().manual_seed(3))
     c = rollout(model, tok, prompts, [0, 1, 2, 0, 1, 2], FakeRetriever(), cfg, torch.Generator().manual_seed(4))
     assert [t.response_ids for t in a] == [t.response_ids for t in b]
     assert [t.response_ids for t in a] != [t.response_ids for t in c]
     assert [t.group_id for t in a] == [0, 1, 2, 0, 1, 2]
-    # the sampling log-probs are log_softmax(logits / T) before top-k/top-p, i.e. what training recomputes
+    # the sampling log-probs are log_softmax(logits / T) before top-p, i.e. what training recomputes
     batch = collate(a, tok.pad_token_id)
     logp = score(model, batch, cfg.temperature, micro_batch_size=4)
     for i, t in enumerate(a):
@@ -401,19 +408,10 @@ def test_seeded_sampling_is_reproducible_and_logprobs_match_training(tok):
         torch.testing.assert_close(logp[i, :n][m], torch.tensor(t.sample_logprobs)[m], atol=2e-5, rtol=0)
 
 
-def test_top_k_one_is_greedy(tok):
-    model = tiny_qwen(len(tok), seed=2)
-    greedy = rollout(model, tok, ["hello", "world"], [0, 1], FakeRetriever(), RolloutConfig(
-        max_turns=1, max_turn_tokens=15, greedy=True))
-    topk1 = rollout(model, tok, ["hello", "world"], [0, 1], FakeRetriever(),
-                    RolloutConfig(max_turns=1, max_turn_tokens=15, top_k=1), torch.Generator().manual_seed(0))
-    assert [t.response_ids for t in greedy] == [t.response_ids for t in topk1]
-
-
 # --------------------------------------------------------------------------------------------- training side
 
 def _traj(prompt, response, mask):
-    return Trajectory(0, prompt, response, mask, [], [0.0] * len(response), 0, 0, False, None, "")
+    return Trajectory(0, prompt, response, mask, [], [0.0] * len(response), 0, 0, None, "")
 
 
 def test_collate_layout():
@@ -481,7 +479,7 @@ def test_toy_policy_searches_and_em_in_promised_range(toy_dir, bm25):
     prompts = [r["prompt"][0]["content"] for r in rows]
     golds = [list(r["reward_model"]["ground_truth"]["target"]) for r in rows]
     trajs = rollout(model, tokenizer, prompts, list(range(len(rows))), bm25,
-                    RolloutConfig(max_turns=4, max_turn_tokens=100, max_obs_tokens=300, greedy=True))
+                    rcfg(max_turns=4, max_turn_tokens=100, max_obs_tokens=300, greedy=True))
     em = sum(search_env.exact_match(t.answer, g) for t, g in zip(trajs, golds)) / len(rows)
     assert 0.10 <= em <= 0.50, em
     assert sum(t.num_searches > 0 for t in trajs) >= len(trajs) // 2
@@ -499,7 +497,7 @@ def test_glued_closing_tag_writes_its_newlines_once(tok):
     assert qtok.decode([gl]) == ">\n\n"
     scripts = {"s": ids_of(qtok, "<search> q </search", gl, "<answer> a </answer", gl),
                "x": ids_of(qtok, "no tag </search", gl, "<answer> b </answer>")}
-    out, _ = run_scripted(qtok, scripts, RolloutConfig(max_turns=2, max_turn_tokens=40, greedy=True),
+    out, _ = run_scripted(qtok, scripts, rcfg(max_turns=2, max_turn_tokens=40, greedy=True),
                           FakeRetriever(doc_words=1))
     t = out["s"]
     assert t.text == ('<search> q </search>\n\n<information>Doc 1(Title: "T0 q") w\nDoc 2(Title: "T1 q") w\n'
@@ -515,7 +513,7 @@ def test_glued_closing_tag_writes_its_newlines_once(tok):
 def test_eos_without_action_is_an_invalid_action_and_the_policy_goes_on(tok):
     eos = tok.eos_token_id
     scripts = {"p": ids_of(tok, "<think> hm </think>", eos, "<search> q </search>", "<answer> a </answer>")}
-    out, model = run_scripted(tok, scripts, RolloutConfig(max_turns=3, max_turn_tokens=40, greedy=True),
+    out, model = run_scripted(tok, scripts, rcfg(max_turns=3, max_turn_tokens=40, greedy=True),
                               FakeRetriever(doc_words=1))
     t = out["p"]
     msg = ("\nMy previous action is invalid. If I want to search, I should put the query between <search> and "
@@ -529,10 +527,28 @@ def test_eos_without_action_is_an_invalid_action_and_the_policy_goes_on(tok):
     assert t.turn_spans[0] == (0, len(first)) and t.loss_mask[:len(first) + 1] == [1] * len(first) + [0]
 
 
+def test_reward_is_em_of_the_answer_action(tok):
+    """The reward train.py computes (train.reward): EM of the policy's answer action, SQuAD-normalised, any gold;
+    never an answer found elsewhere in the text (the invalid-action message holds "<answer> and </answer>")."""
+    scripts = {"first answer wins": ids_of(tok, "<answer>wrong</answer> <answer> the  Beatles! </answer>"),
+               "normalised": ids_of(tok, "<answer> the  Beatles! </answer>"),
+               "never answered": ids_of(tok, "Beatles"),  # EOS without an action, twice: the message follows
+               "any gold": ids_of(tok, "<answer>U.S.A.</answer>"),
+               "article": ids_of(tok, "<answer>An apple</answer>"),
+               "plural": ids_of(tok, "<answer>apples</answer>")}
+    golds = [["Beatles"], ["Beatles"], ["Beatles", "and"], ["United States", "USA"], ["apple"], ["apple"]]
+    out, _ = run_scripted(tok, scripts, rcfg(max_turns=1, max_turn_tokens=60, greedy=True))
+    trajs = list(out.values())
+    assert train.reward(trajs, golds, train.Meter()).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    # the turn ends at the first </answer>: the second answer is never written
+    assert out["first answer wins"].answer == "wrong" and "Beatles" not in out["first answer wins"].text
+    assert out["never answered"].answer is None and search_env.INVALID_ACTION_MSG in out["never answered"].text
+
+
 def test_special_token_inside_an_answer_is_not_part_of_it(tok):
     pad = tok.pad_token_id
     scripts = {"p": ids_of(tok, "<answer> Par", pad, "is </answer>")}
-    out, _ = run_scripted(tok, scripts, RolloutConfig(max_turns=1, max_turn_tokens=40, greedy=True))
+    out, _ = run_scripted(tok, scripts, rcfg(max_turns=1, max_turn_tokens=40, greedy=True))
     t = out["p"]
     assert pad in t.response_ids  # the sampled ids are kept as they are
     assert t.answer == "Paris" and search_env.exact_match(t.answer, ["Paris"]) == 1.0  # as Search-R1 scores it
@@ -569,7 +585,7 @@ def test_search_r1_client_on_every_turn_against_our_server(tok, bm25):
         scripts = {"a": ids_of(tok, "<search> mentor </search>", "<think> ok </think>", tok.eos_token_id,
                                "<answer> x </answer>"),
                    "b": ids_of(tok, "<answer> y </answer>")}
-        cfg = RolloutConfig(max_turns=3, max_turn_tokens=40, greedy=True)
+        cfg = rcfg(max_turns=3, max_turn_tokens=40, greedy=True)
         out, _ = run_scripted(tok, scripts, cfg, client)
         # turn 1: a's query (b answers); turn 2: a thinks and stops without an action; turn 3: a answers. Turns 2
         # and 3 search nothing, and Search-R1 still sends the (empty) batch

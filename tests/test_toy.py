@@ -154,7 +154,7 @@ STOPS = ("</search>", "</answer>")
 
 
 def _cut_at_stop(tok, new_ids: list[int]) -> list[int]:
-    """The turn's tokens up to the first closing tag (or EOS); later tokens are discarded (SPEC 1.2)."""
+    """The turn's tokens up to the first closing tag (or EOS); later tokens are discarded (docs/protocol.md §1.2)."""
     out = []
     for t in new_ids:
         if t == tok.pad_token_id:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import rollout as R
+import rollout as ro
 import search_env
 import train
 from utils import UserError
@@ -54,7 +54,7 @@ def test_two_step_run_writes_metrics_checkpoint_trajectories(toy_dir, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/em" in rows[0] and "eval/em" in rows[2]
     for r in rows[1:]:
-        for k in ("rollout/reward", "rollout/em", "rollout/searches", "rollout/response_len", "train/loss",
+        for k in ("rollout/reward", "rollout/answered", "rollout/searches", "rollout/response_len", "train/loss",
                   "train/grad_norm", "train/clipfrac_high", "lld/old_logp_pos", "lld/entropy", "lld/delta_pos",
                   "lld/fell_action_share", "lld/warning", "train/skipped_steps", "perf/step_s"):
             assert k in r, k
@@ -192,17 +192,17 @@ def _fixed_batch(toy_dir, path):
     rows = []
     for g, (q, gold, wrong) in enumerate([("who is a", "ann", "bob"), ("where is b", "paris", "rome"),
                                           ("what is c", "red", "blue"), ("when was d", "1999", "2001 or 2002")]):
-        prompt = R.wrap_prompt(tok, search_env.make_prompt(q))
+        prompt = ro.wrap_prompt(tok, search_env.make_prompt(q))
         for k, ans in enumerate([gold, gold] if g == 3 else [gold, wrong] if g % 2 == 0 else [wrong, gold]):
             t1 = enc(f"<think> look up {q} </think><search> {q} </search>")
             obs = enc(search_env.format_observation([{"contents": f'"{q}"\n{gold} ' * (k + 1)}]))
             t2 = enc(f"<think> found it </think><answer> {ans} </answer>")
             ids = t1 + obs + t2
-            traj = R.Trajectory(group_id=g, prompt_ids=prompt, response_ids=ids,
+            traj = ro.Trajectory(group_id=g, prompt_ids=prompt, response_ids=ids,
                                 loss_mask=[1] * len(t1) + [0] * len(obs) + [1] * len(t2),
                                 turn_spans=[(0, len(t1)), (len(t1) + len(obs), len(ids))],
                                 sample_logprobs=[0.0] * len(ids), num_searches=1, num_valid_actions=2,
-                                answered=True, answer=ans, text=tok.decode(ids))
+                                answer=ans, text=tok.decode(ids))
             rows.append({"traj": traj.__dict__, "golds": [gold]})
     path.write_text(json.dumps(rows))
 
@@ -238,15 +238,6 @@ def test_two_processes_give_the_one_process_loss(toy_dir, tmp_path, mode):
 
 
 # ------------------------------------------------------------------------------------------------ LLD monitor
-
-def test_action_sums_hand_values():
-    x = torch.tensor([[1.0, -2.0, 9.0, 3.0, 4.0, 0.0], [-1.0, 5.0, 5.0, 5.0, 0.0, 0.0]])
-    m = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 0, 0]])
-    sums, is_action = train.action_sums(x, m)
-    assert sums[0, 1:3].tolist() == [-1.0, 7.0] and sums[1, 1:3].tolist() == [-1.0, 10.0]
-    assert is_action.sum(1).tolist() == [2, 2] and not is_action[:, 0].any()
-    assert ((sums < 0) & is_action).sum().item() == 2  # 2 of the 4 actions fell
-
 
 def test_death_spiral_rule():
     def hist(pos, ent, fell=0.1, gn=None):
