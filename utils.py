@@ -131,10 +131,9 @@ def setup_device(name: str = "") -> torch.device:
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if name:
-        device = torch.device(name)
-    else:
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:  # torch 2.11's set_device refuses a bare "cuda"
+        device = torch.device("cuda", local)  # this rank's GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # torchrun, even with one rank: FSDP2 / DDP run
