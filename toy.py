@@ -1,12 +1,14 @@
 """The toy world: a small, deterministic search-QA world in the real formats, plus a warm-started tiny policy.
 
-`python toy.py --out DIR [--seed N] [--force]` (or `build(out, seed)`) writes, in under 2 minutes on 2 cores:
+`python toy.py --out DIR [--seed N] [--threads N] [--force]` (or `build(out, seed)`) writes, in under 2 minutes on
+2 idle cores:
 
     DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (docs/protocol.md §2)
     DIR/train.parquet    Search-R1 schema (docs/protocol.md §3), prompts from search_env.make_prompt
     DIR/test.parquet     200 questions: 100 "toy_1hop", 100 "toy_2hop"
     DIR/bm25/            Lucene index of the corpus (search_env.build_bm25_index)
-    DIR/model/           tiny Qwen2ForCausalLM + a byte-level BPE Qwen2Tokenizer with a chat template (save_pretrained)
+    DIR/model/           tiny Qwen2ForCausalLM + a byte-level BPE Qwen2Tokenizer with a chat template (save_pretrained),
+                         and warm_start.json, the record of its supervised training (departure 4)
 
 The world. Made-up people, organisations, cities, countries and rivers, each named by one random-syllable word (one
 token: see the warm start), so no answer can be guessed from a question. A person has a birth city, a mentor and an
@@ -37,14 +39,20 @@ Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, 
  2. Every SFT sample is a training trajectory passed through a fresh random renaming of the world (each name within
     its kind), applied to prompt, observations and answers alike: structure and BM25 ranking are real, the facts
     are new each time, so the model cannot memorise the training world and must read.
- 3. Curriculum: the first 800 of the 1,200 SFT steps leave out the prompt's instructions (the ~170 tokens every
-    prompt shares), so attention is not spread over them while the copy heads form. With the instructions from the
-    start the copy was not learnt in 1,500 steps; with 350-450 steps without them it was in some builds and not in
-    others (the moment the copy forms moves with the last bits of the floats). Two-hop questions are half of the
-    SFT samples (a third of the questions), so that sampling still searches a second time often enough.
+ 3. Curriculum: every other SFT step leaves the prompt's instructions out (the ~170 tokens every prompt shares), so
+    that attention finds the names quickly, and the steps between carry them, so that the copy forms in the context a
+    rollout sees. What failed before: the instructions on every step (the copy was not learnt in 1,500 steps); 800
+    steps without them, then 400 with (the copy was learnt, but in some builds the switch broke the birth-city copy
+    for good: the model wrote one constant city, final loss ~0.11 instead of ~0.04, 10 points less EM); 300 without,
+    then alternating (the same break). Batches of 8: at the same tokens, twice the updates of batches of 16 reach the
+    regime sooner (800 steps of 16, alternating, did not in seed 0). Two-hop questions are half of the SFT samples
+    (a third of the questions), so that sampling still searches a second time often enough.
  4. Bitwise reproducibility holds for every file but the Lucene index (bm25/ stores random segment ids and
-    timestamps); the index returns the same hits. SFT runs on a fixed 2 threads whatever the machine, so the
-    reduction order, and the weights, are the same on every run (2 threads are 1.5x faster than 1 here).
+    timestamps); the index returns the same hits. SFT runs on a fixed thread count (2, or --threads) whatever the
+    machine, so the reduction order, and the weights, are the same on every run; another count gives other float
+    sums, so other weights in the same regime. model/warm_start.json records the run (seed, threads, settings, the
+    mean loss of its last 50 steps with instructions, the loss every 25 steps): a build whose loss_last50 is above
+    0.08 did not form its copies (the README has the measured range).
 """
 import argparse
 import json
@@ -76,7 +84,7 @@ CHAT_TEMPLATE = (
 )
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=384, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)
-SFT = dict(steps=1200, short_steps=800, batch_size=16, lr=3e-3, warmup=30, weight_decay=0.01, threads=2)
+SFT = dict(steps=1400, bare_every=2, batch_size=8, lr=3e-3, warmup=60, weight_decay=0.01, threads=2)
 
 # Every question ends with its subject, and every fact is read by restating the passage's words: the policy copies
 # the subject from a fixed offset, writes the relation and copies the name that follows it in the passage.
@@ -143,7 +151,9 @@ def make_world(rng: random.Random) -> dict:
     for i, p in enumerate(persons):
         P[p]["employer"] = rng.choice([o for o in side(orgs, n_o, i >= n_p) if O[o]["hq"] != P[p]["born_city"]])
     pools = [persons, orgs, cities, countries, rivers]
-    return {"persons": persons, "orgs": orgs, "cities": cities, "P": P, "O": O, "C": city_facts, "pools": pools}
+    kind = {w: k for k, pool in enumerate(pools) for w in pool}  # name -> its pool
+    return {"persons": persons, "orgs": orgs, "cities": cities, "P": P, "O": O, "C": city_facts, "pools": pools,
+            "kind": kind}
 
 
 def make_corpus(world: dict, rng: random.Random) -> list[dict]:
@@ -231,11 +241,25 @@ WORD_RE = re.compile(r"\b\w+\b")
 
 
 def scrambler(world: dict, rng: random.Random):
-    """A random renaming of the world (each name part within its kind, each year to another), as a function on text."""
-    table = {}
-    for pool in world["pools"]:
-        table.update(zip(pool, rng.sample(pool, len(pool))))
-    return lambda text: WORD_RE.sub(lambda m: table.get(m.group(0), m.group(0)), text)
+    """A random renaming of the world (each name to another of its kind, distinct names to distinct names), as a
+    function on text. Names are drawn as they are first met: a sample mentions a few dozen of the world's 600 names,
+    and drawing a whole permutation for each of the 10,000 samples was a fifth of the build."""
+    pools, kind, table, taken = world["pools"], world["kind"], {}, [set() for _ in world["pools"]]
+
+    def rename(m):
+        w = m.group(0)
+        if w not in table:
+            k = kind.get(w)
+            if k is None:  # not a name
+                return w
+            new = rng.choice(pools[k])
+            while new in taken[k]:
+                new = rng.choice(pools[k])
+            taken[k].add(new)
+            table[w] = new
+        return table[w]
+
+    return lambda text: WORD_RE.sub(rename, text)
 
 
 def make_tokenizer(texts: list[str]):
@@ -287,19 +311,20 @@ def encode_trajectories(tokenizer, samples) -> list[tuple[list[int], list[int]]]
 
 
 # ------------------------------------------------------------------------------------------------------ warm start
-def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
-    """Supervised training of a fresh tiny Qwen2 on (ids, mask) pairs; loss on masked-in tokens only."""
+def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int, threads: int):
+    """Supervised training of a fresh tiny Qwen2 on (ids, mask) pairs; loss on masked-in tokens only.
+    Returns the model and a record of the run (written next to it as warm_start.json)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SFT["threads"])  # fixed thread count: same reduction order, same bytes
+    threads, torch_threads = int(threads), torch.get_num_threads()
+    torch.set_num_threads(threads)  # a fixed thread count: same reduction order, same bytes
     try:
         torch.manual_seed(seed)
         cfg = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **MODEL)
         model = Qwen2ForCausalLM(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], betas=(0.9, 0.98),
+        opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], betas=(0.9, 0.98), foreach=True,
                                 weight_decay=SFT["weight_decay"])
         rng = random.Random(seed)
         # Every prompt starts with the same template tokens: run that prefix once per batch and share its cache.
@@ -316,7 +341,7 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             rng.shuffle(chunk)
             batches += chunk
         model.train()
-        t0 = time.time()
+        t0, losses = time.time(), []
         for step in range(SFT["steps"]):
             idx = batches[step % len(batches)]
             T = max(len(seqs[i][0]) for i in idx) - P
@@ -325,7 +350,8 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             for r, i in enumerate(idx):
                 ids[r, :len(seqs[i][0]) - P] = torch.tensor(seqs[i][0][P:])
                 mask[r, :len(seqs[i][1]) - P] = torch.tensor(seqs[i][1][P:], dtype=torch.bool)
-            if step < SFT["short_steps"]:  # curriculum: no instructions, so attention finds the names quickly
+            bare = step % SFT["bare_every"] == 0
+            if bare:  # curriculum: without the instructions, attention finds the names quickly
                 cache, pos = None, torch.arange(T).expand(len(idx), -1)  # (B, T)
             else:
                 cache = model.model(input_ids=prefix, use_cache=True).past_key_values
@@ -344,12 +370,17 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            losses.append((bare, loss.item()))
             if step % 25 == 0 or step == SFT["steps"] - 1:
                 print(f"toy: sft step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", file=sys.stderr)
         model.eval()
-        return model
+        full = [x for bare, x in losses if not bare]  # the steps that see what a rollout sees
+        record = {"seed": seed, "threads": threads, "sft": SFT,  # no timings: the build is the same bytes each time
+                  "loss_last50": sum(full[-50:]) / len(full[-50:]),
+                  "loss_every_25": [round(x, 4) for _, x in losses[::25]]}
+        return model, record
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 # ----------------------------------------------------------------------------------------------------------- build
@@ -371,8 +402,9 @@ def _make_tmp(out: Path, force: bool) -> Path:
         raise OutDirError(f"--out {out}: cannot write into {out.parent} ({e.strerror}); pick a writable folder") from None
 
 
-def build(out, seed: int = 0, force: bool = False) -> Path:
-    """Build the toy world into `out` (see the module docstring). Writes into a temporary sibling, then renames."""
+def build(out, seed: int = 0, force: bool = False, threads: int = SFT["threads"]) -> Path:
+    """Build the toy world into `out` (see the module docstring). Writes into a temporary sibling, then renames.
+    `threads` is the warm start's torch thread count: another count gives other float sums, so other weights."""
     out = Path(out).absolute()
     tmp = _make_tmp(out, force)
     t0 = time.time()
@@ -414,10 +446,11 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
             q = kind[i // 2 % len(kind)]
             scr = scrambler(world, rng)
             pieces = [(scr(t), m) for t, m in script(q, observe, rng)]
-            samples.append((scr(search_env.make_prompt(q["question"])), pieces))
+            samples.append((search_env.make_prompt(scr(q["question"])), pieces))  # the template holds no name
         seqs = encode_trajectories(tokenizer, samples)
-        model = warm_start(tokenizer, seqs, seed)
+        model, record = warm_start(tokenizer, seqs, seed, threads)
         model.save_pretrained(tmp / "model")
+        (tmp / "model" / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
         tokenizer.save_pretrained(tmp / "model")
         from transformers import AutoTokenizer
         loaded = AutoTokenizer.from_pretrained(tmp / "model")
@@ -430,7 +463,8 @@ def build(out, seed: int = 0, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"toy: built {out} in {time.time() - t0:.1f}s ({len(corpus)} passages, {len(train)} train, "
-          f"{len(test)} test questions)", file=sys.stderr)
+          f"{len(test)} test questions; warm-start loss {record['loss_last50']:.3f} over its last 50 steps with "
+          "instructions)", file=sys.stderr)
     return out
 
 
@@ -439,8 +473,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="folder to create (must be new or empty unless --force)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--threads", type=int, default=SFT["threads"],
+                    help=f"torch threads for the warm start (default {SFT['threads']}; another count, other weights)")
     args = ap.parse_args(argv)
-    build(args.out, seed=args.seed, force=args.force)
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    build(args.out, seed=args.seed, force=args.force, threads=args.threads)
 
 
 if __name__ == "__main__":

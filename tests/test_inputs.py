@@ -48,6 +48,8 @@ def test_every_command_says_one_line_and_exits_2(tmp_path):
     (tmp_path / "full" / "mine.txt").write_text("x")
     msg = _cli("toy.py", "--out", tmp_path / "full")
     assert msg == f"error: --out {tmp_path / 'full'} is not empty; give a fresh folder or pass --force to replace it"
+    msg = _cli("toy.py", "--out", tmp_path / "world", "--threads", "0")
+    assert msg == "error: --threads must be at least 1, got 0"
     assert _tree(tmp_path) == [("corpus.jsonl", 12), ("full", -1), ("full/mine.txt", 1)]
 
 

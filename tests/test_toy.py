@@ -18,7 +18,7 @@ import toy
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["corpus.jsonl", "train.parquet", "test.parquet", "model/config.json", "model/generation_config.json",
-         "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json"]
+         "model/model.safetensors", "model/tokenizer.json", "model/tokenizer_config.json", "model/warm_start.json"]
 
 
 def _rows(path):
@@ -210,8 +210,18 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
     return out
 
 
+def test_warm_start_record(toy_dir):
+    """warm_start.json says how the model was trained and that the SFT converged: the builds measured for the README
+    ended at 0.034-0.047 (loss_last50); the ones whose copies did not form, at 0.11-0.22."""
+    rec = json.loads((toy_dir / "model" / "warm_start.json").read_text())
+    assert rec["seed"] == 0 and rec["threads"] == toy.SFT["threads"] == 2 and rec["sft"] == toy.SFT
+    assert len(rec["loss_every_25"]) == -(-toy.SFT["steps"] // 25) and rec["loss_every_25"][0] > 5  # ~ln(4096)
+    assert rec["loss_last50"] < 0.08
+
+
 def test_warm_start_leaves_room_for_rl(toy_dir, bm25):
-    """Held-out greedy EM between 10% and 50%, at least one search per question, nearly always a valid answer."""
+    """Held-out greedy EM between 10% and 50%, at least one search per question, nearly always a valid answer; the
+    copies formed: one-hop questions about people (read off the passage in every script) are mostly right."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(toy_dir / "model")
@@ -225,5 +235,9 @@ def test_warm_start_leaves_room_for_rl(toy_dir, bm25):
     em = sum(x[0] for x in res) / len(res)
     print(f"all: EM={em:.3f} searches/q={sum(x[1] for x in res) / len(res):.2f}")
     assert 0.10 <= em <= 0.50
+    people = [x[0] for r, x in zip(rows, res) if r["data_source"] == "toy_1hop"
+              and re.match(r"What is the (birth city|mentor|employer) of \w+\?$", _question(r["prompt"][0]["content"]))]
+    print(f"one-hop about people: n={len(people)} EM={sum(people) / len(people):.3f}")
+    assert len(people) >= 20 and sum(people) / len(people) >= 0.75  # a build that lost one copy: 0.49-0.53
     assert sum(x[1] for x in res) / len(res) >= 1.0
     assert sum(x[2] for x in res) / len(res) >= 0.9
