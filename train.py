@@ -81,7 +81,7 @@ class Config:
     retriever_url: str = h("", "retrieval server, e.g. http://127.0.0.1:8000/retrieve (instead of index)")
     run_dir: str = h("", "output directory; empty = runs/<date-time>")
     resume: str = h("", "run directory to continue from its latest checkpoint (its config.yaml is the base)")
-    seed: int = h(0, "the one seed: data order, sampling, shuffling (and the toy world, when it is built)")
+    seed: int = h(0, "the one seed: data order, sampling, shuffling (the built-in toy world is always seed 0)")
     # --- rollout
     steps: int = h(60, "training steps (rollout + update each)")
     prompts_per_step: int = h(16, "questions per step, over all ranks")
@@ -204,7 +204,9 @@ def fill_toy_paths(cfg: Config, rank: int) -> Config:
             import toy as toy_world
 
             print(f"building the toy world in {toy} (once, about 2 minutes)", flush=True)
-            toy_world.build(toy, seed=cfg.seed)
+            # seed 0, not cfg.seed: toy_dir is one cached folder, and a world built under --seed 1 would be
+            # reused, unnoticed, by every later run. Other worlds: `python toy.py --seed N --out DIR`, --toy_dir DIR.
+            toy_world.build(toy)
         barrier()
     return dataclasses.replace(
         cfg, model=cfg.model or str(toy / "model"), train_data=cfg.train_data or str(toy / "train.parquet"),
