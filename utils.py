@@ -436,7 +436,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop the rows a killed run wrote after its last checkpoint: resuming writes them again."""
-    if path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-        write_atomic(path, "".join(r + "\n" for r in rows))
+    """Drop the rows a killed run wrote after its last checkpoint: resuming writes them again. A last line that does
+    not parse is a row cut off by the kill (rows are appended, one write each): it is dropped too."""
+    if not path.is_file():
+        return
+    lines, rows = path.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line) if line else None
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}, line {i + 1}, is not JSON (only a run's last line can be cut off by a kill); "
+                            "repair or delete that line, then resume again") from None
+        if row is not None and row["step"] <= step:
+            rows.append(line)
+    write_atomic(path, "".join(r + "\n" for r in rows))

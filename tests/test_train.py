@@ -94,6 +94,8 @@ def test_resume_equals_uninterrupted_run(toy_dir, tmp_path):
     shutil.rmtree(b / "checkpoints" / "step_000004")
     (b / "latest").write_text("step_000002\n")
     (b / "config.yaml").write_text((b / "config.yaml").read_text().replace(str(a), str(b)))
+    with open(b / "metrics.jsonl", "a") as f:  # the kill came while a row was being written
+        f.write('{"step": 5, "train/lo')
     train.main(["--resume", str(b)])
 
     def strip(rows):
@@ -104,6 +106,19 @@ def test_resume_equals_uninterrupted_run(toy_dir, tmp_path):
     assert ra[2]["train/lr"] != ra[0]["train/lr"]  # the warmup is part of what resumed
     wa, wb = _weights(a / "checkpoints" / "step_000004"), _weights(b / "checkpoints" / "step_000004")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_truncate_jsonl_drops_a_cut_last_line_and_refuses_a_broken_one(tmp_path):
+    from utils import truncate_jsonl
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "x')
+    truncate_jsonl(p, 2)
+    assert p.read_text() == '{"step": 1}\n{"step": 2}\n'
+    p.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(UserError) as e:
+        truncate_jsonl(p, 2)
+    assert f"{p}, line 2, is not JSON" in str(e.value)
+    assert p.read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'  # refused: nothing rewritten
 
 
 # ------------------------------------------------------------------------------------------------ config
