@@ -1,7 +1,7 @@
 """The toy world: a small, deterministic search-QA world in the real formats, plus a warm-started tiny policy.
 
-`python toy.py --out DIR [--seed N] [--threads N] [--force]` (or `build(out, seed)`) writes, in under 2 minutes on
-2 idle cores:
+`python toy.py --out DIR [--seed N] [--threads N] [--force]` (or `build(out, seed)`) writes, in 2-5 minutes on
+2 idle cores (141-268 s measured on three machines):
 
     DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (docs/protocol.md §2)
     DIR/train.parquet    Search-R1 schema (docs/protocol.md §3), prompts from search_env.make_prompt
