@@ -12,11 +12,10 @@ Then it prints one table row per run.
 A run still being written is read up to its last complete line. A resumed run may hold a step twice (a copy
 of the file from before the resume truncated it): the later row wins, as it is the one training went on from.
 """
-import json
 import math
 from pathlib import Path
 
-from utils import UserError, write_atomic
+from utils import UserError, read_jsonl, write_atomic
 
 SMOOTH = 5  # steps in the trailing moving average: light, so that a collapse is dated within a few steps
 REWARD = "rollout/reward"
@@ -39,18 +38,8 @@ def read_metrics(run_dir) -> list[dict]:
         raise UserError(f"{run_dir} is not a directory; {HOW}")
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; {HOW}")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
     by_step = {}
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if i == len(lines):  # no newline after it: train.py is still writing this row
-                continue
-            raise UserError(f"{path} line {i} is not JSON; fix or delete that line") from None
+    for i, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise UserError(f"{path} line {i} is not a train.py metrics row (no integer step); {HOW}")
         by_step[row["step"]] = row

@@ -435,20 +435,27 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     return saved
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop the rows a killed run wrote after its last checkpoint: resuming writes them again. A last line that does
-    not parse is a row cut off by the kill (rows are appended, one write each): it is dropped too."""
-    if not path.is_file():
-        return
-    lines, rows = path.read_text().splitlines(), []
-    for i, line in enumerate(lines):
+def read_jsonl(path: Path) -> list[tuple[int, object]]:
+    """(line number, value) of each non-empty line of a JSONL file a run appends to (one write per row). A last line
+    without its newline that is not JSON is a row being written, or cut off by a kill: it is left out. A broken line
+    anywhere else is a UserError naming the file and the line."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            row = json.loads(line) if line else None
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"{path}, line {i + 1}, is not JSON (only a run's last line can be cut off by a kill); "
-                            "repair or delete that line, then resume again") from None
-        if row is not None and row["step"] <= step:
-            rows.append(line)
-    write_atomic(path, "".join(r + "\n" for r in rows))
+            out.append((i, json.loads(line)))
+        except ValueError:
+            if i == len(lines):
+                continue
+            raise UserError(f"{path} line {i} is not JSON; fix or delete that line") from None
+    return out
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the rows a killed run wrote after its last checkpoint (and a row it was cutting off): resuming writes
+    them again. Rows are written back as train.py wrote them (json.dumps), so the kept lines keep their bytes."""
+    if path.is_file():
+        rows = [row for _, row in read_jsonl(path) if row["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -117,7 +117,7 @@ def test_truncate_jsonl_drops_a_cut_last_line_and_refuses_a_broken_one(tmp_path)
     p.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(UserError) as e:
         truncate_jsonl(p, 2)
-    assert f"{p}, line 2, is not JSON" in str(e.value)
+    assert f"{p} line 2 is not JSON" in str(e.value)
     assert p.read_text() == '{"step": 1}\n{"st\n{"step": 2}\n'  # refused: nothing rewritten
 
 
