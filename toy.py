@@ -1,7 +1,7 @@
 """The toy world: a small, deterministic search-QA world in the real formats, plus a warm-started tiny policy.
 
-`python toy.py --out DIR [--seed N] [--threads N] [--force]` (or `build(out, seed)`) writes, in 2-5 minutes on
-2 idle cores (141-268 s measured on three machines):
+`python toy.py --out DIR [--seed N] [--threads N] [--force]` (or `build(out, seed)`) writes, in about 1.5 minutes on
+2 idle cores (README: the measured range; several times that when another process shares the cores):
 
     DIR/corpus.jsonl     ~2,000 passages {"id", "contents": '"Title"\\ntext'} (docs/protocol.md §2)
     DIR/train.parquet    Search-R1 schema (docs/protocol.md §3), prompts from search_env.make_prompt
@@ -23,19 +23,23 @@ appear in a training question), so the model must read the answer off the corpus
 
 The warm start. The tiny model is trained by supervised learning on scripted trajectories in the exact rollout
 format: chat-wrapped prompt, `<think> I need to find X. </think>\n<search> X </search>`, the observation
-search_env.format_observation(real BM25 top-3 for that query), `<think> birth city A. </think>\n<answer> A </answer>`
+search_env.format_observation(real BM25 top-3 for that query), `<think> X: birth city A. </think>\n<answer> A </answer>`
 and EOS. Pieces are tokenised one by one, by the tokenizer a user loads with AutoTokenizer, and concatenated as
-rollout.py does; the loss covers the model's tokens only. The think names the relation (copied from the question)
-and then the token that follows that relation in the passage: a copy keyed on the previous token (an induction
-head), which a 2-layer model learns in the budget only when the copied name is a single token.
+rollout.py does; the loss covers the model's tokens only. The think restates the passage's sentence: the subject
+(copied from the search), the relation (copied from the question) and then the token that follows "X: relation" in
+the passage: a copy keyed on the previous tokens (an induction head), which a 2-layer model learns in the budget
+only when the copied name is a single token (departure 5).
 
 Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, not to be a benchmark):
  1. Scripted, not distilled, trajectories, with two deliberate, learnable habits that leave RL its room. Two-hop:
-    in 70% of the scripts the model stops after the first search and answers with a same-typed fact of the first
+    in 80% of the scripts the model stops after the first search and answers with a same-typed fact of the first
     passage (the org's home city instead of its founder's birth city). One-hop about an organisation: in 70% the
     model searches, then ignores the passage ("<think> I know it. </think>") and answers a guess. Greedy decoding
     takes both habits (two-hop and organisation EM near 0, people near 90%), while sampling at temperature 1 reads
-    and searches again often enough for GRPO to reinforce it.
+    and searches again, in most builds often enough for GRPO to reinforce it. A habit is a probability that greedy
+    decoding turns into all or nothing, so its share is a trade: at 70%, seed 1's greedy decoding read on for one
+    of the four two-hop types (18 points more warm-start EM than seeds 0 and 2); at 70% and at 80% alike, seed 2's
+    sampling almost never searched a second time, and its demo learnt no two-hop question (README).
  2. Every SFT sample is a training trajectory passed through a fresh random renaming of the world (each name within
     its kind), applied to prompt, observations and answers alike: structure and BM25 ranking are real, the facts
     are new each time, so the model cannot memorise the training world and must read.
@@ -49,10 +53,20 @@ Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, 
     (a third of the questions), so that sampling still searches a second time often enough.
  4. Bitwise reproducibility holds for every file but the Lucene index (bm25/ stores random segment ids and
     timestamps); the index returns the same hits. SFT runs on a fixed thread count (2, or --threads) whatever the
-    machine, so the reduction order, and the weights, are the same on every run; another count gives other float
-    sums, so other weights in the same regime. model/warm_start.json records the run (seed, threads, settings, the
-    mean loss of its last 50 steps with instructions, the loss every 25 steps): a build whose loss_last50 is above
-    0.08 did not form its copies (the README has the measured range).
+    machine, so the reduction order, and the weights, are the same on every run (on the machine of the README's
+    table, 1 and 2 threads gave the same weights too; other machines have given other weights for another count).
+    model/warm_start.json records the run: seed, threads, settings, the mean loss of its last
+    50 steps with instructions, the loss every 25 steps, and `reading`, the regime test (reading_check): per relation,
+    how often the warm start copies the name the passage gives, on the held-out questions. The loss does not tell a
+    build that lost one relation from a good one (see reading_check); `reading` does (~0 on the lost relation).
+ 5. The think restates the whole sentence ("X: mentor Y."), not the relation alone ("mentor Y."). With the relation
+    alone, each relation's copy formed at its own moment and some never did: in SFT-only runs of 1,400 steps on
+    seeds 0-2, one or two relations of one kind stayed at 0% (seed 2: employer and rival; earlier seed 1: mentor and
+    founder), and 2,000 steps, batches of 4, a third layer, width 256, extra induction data or weighting the copied
+    token did not remove it. Restating the subject makes the key two tokens long and every relation formed in every
+    run measured (README). What is still weak: the mentor copy reads 0.6-0.8 in every build; it fails on the same
+    observations in every build (a person passage whose distractors are "sold goods to X in C" or two "market of"
+    passages), whatever the name, so it is the key's match against those sentences, not the names.
 """
 import argparse
 import json
@@ -72,7 +86,7 @@ N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS = 400, 130, 40, 10, 20  # one
 TEST_PERSONS, TEST_ORGS = 60, 30                  # held-out part of the world that test questions ask about
 N_PASSAGES = 2000
 N_TEST = {"toy_1hop": 100, "toy_2hop": 100}
-SHORTCUT_FRAC = 0.7  # share of two-hop SFT trajectories that stop after one search and answer a wrong fact
+SHORTCUT_FRAC = 0.8  # share of two-hop SFT trajectories that stop after one search and answer a wrong fact
 LAZY_FRAC = 0.7      # share of one-hop SFT trajectories about organisations that answer a guess without reading
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "qu", "st", "br"]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "io", "ou"]
@@ -115,10 +129,6 @@ RESERVED |= {"into", "such", "that", "their", "then", "there", "these", "they", 
 
 def sentence(rel: str, s: str, a: str) -> str:
     return f"{s}: {RELATIONS[rel]} {a}."
-
-
-def note(rel: str, a: str) -> str:
-    return f"{RELATIONS[rel]} {a}."
 
 
 # ----------------------------------------------------------------------------------------------------- the world
@@ -191,7 +201,7 @@ def make_questions(world: dict) -> list[dict]:
             for rel in rels:
                 a = _fact(world, rel, s)
                 qs.append({"question": f"What is the {RELATIONS[rel]} of {s}?", "answer": a, "source": "toy_1hop",
-                           "split": split, "hops": [(s, note(rel, a))], "shortcut": None,
+                           "split": split, "hops": [(s, sentence(rel, s, a))], "shortcut": None,
                            "guesses": kinds[rel] if rel in ORG_RELS else None})
             for (r1, r2), cut in TWO_HOP.items():
                 if r1 not in rels:
@@ -202,8 +212,8 @@ def make_questions(world: dict) -> list[dict]:
                     continue
                 qs.append({"question": f"What is the {RELATIONS[r2]} of the {RELATIONS[r1]} of {s}?", "answer": a,
                            "source": "toy_2hop", "split": split,
-                           "hops": [(s, note(r1, b)), (b, note(r2, a))],
-                           "shortcut": (note(cut, wrong), wrong), "guesses": None})
+                           "hops": [(s, sentence(r1, s, b)), (b, sentence(r2, b, a))],
+                           "shortcut": (sentence(cut, s, wrong), wrong), "guesses": None})
     return qs
 
 
@@ -222,15 +232,16 @@ def write_parquet(rows: list[dict], split: str, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- scripted trajectories
-def script(q: dict, observe, rng: random.Random) -> list[tuple[str, bool]]:
-    """[(text, is_model_turn)] after the prompt; observe(query) -> observation string."""
+def script(q: dict, observe, rng: random.Random | None) -> list[tuple[str, bool]]:
+    """[(text, is_model_turn)] after the prompt; observe(query) -> observation string. rng=None: no habits, the path
+    that reads every hop (what reading_check scores)."""
     subject = q["hops"][0][0]
     pieces = [(f"<think> I need to find {subject}. </think>\n<search> {subject} </search>", True),
               (observe(subject), False)]
-    if q["shortcut"] is not None and rng.random() < SHORTCUT_FRAC:
+    if rng is not None and q["shortcut"] is not None and rng.random() < SHORTCUT_FRAC:
         fact, wrong = q["shortcut"]
         return pieces + [(f"<think> {fact} </think>\n<answer> {wrong} </answer>", True)]
-    if q["guesses"] is not None and rng.random() < LAZY_FRAC:
+    if rng is not None and q["guesses"] is not None and rng.random() < LAZY_FRAC:
         return pieces + [(f"<think> I know it. </think>\n<answer> {rng.choice(q['guesses'])} </answer>", True)]
     for (_, fact), nxt in zip(q["hops"], q["hops"][1:]):
         pieces += [(f"<think> {fact} </think>\n<search> {nxt[0]} </search>", True), (observe(nxt[0]), False)]
@@ -383,6 +394,45 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int, th
         torch.set_num_threads(torch_threads)
 
 
+def reading_check(model, tokenizer, questions: list[dict], observe) -> dict:
+    """The warm start's reading, per relation: on the reading path of each question (script with no habits, real names,
+    real observations), is the greedy next token after "<think> X: RELATION" the name the passage gives?
+    Teacher-forced, in batches. This is the regime test: a build whose copy of one relation did not form scores ~0 on
+    it, while its mean SFT loss overlaps a good build's (0.07-0.11 in runs that lost one, 0.04-0.09 in builds that
+    read every relation)."""
+    import torch
+
+    relation_of = {v: k for k, v in RELATIONS.items()}
+    fact_re = re.compile(rf"^<think> \w+: ({'|'.join(RELATIONS.values())}) (\w+)\. </think>")
+    rows, hits, n = [], {}, {}
+    for q in questions:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": search_env.make_prompt(q["question"])}],
+                                               tokenize=False, add_generation_prompt=True)
+        pieces = script(q, observe, None)
+        encoded = tokenizer([prompt] + [t for t, _ in pieces], add_special_tokens=False)["input_ids"]
+        ids, targets = list(encoded[0]), []
+        for (text, mine), piece in zip(pieces, encoded[1:]):
+            m = fact_re.match(text) if mine else None
+            if m:  # names are one token each (checked by build), so the name is the token after the relation's
+                name = tokenizer.encode(" " + m.group(2), add_special_tokens=False)[0]
+                targets.append((len(ids) + piece.index(name), relation_of[m.group(1)], name))
+            ids += piece
+        rows.append((ids, targets))
+    with torch.no_grad():
+        for k in range(0, len(rows), 16):
+            chunk = rows[k:k + 16]
+            T = max(len(ids) for ids, _ in chunk)
+            batch = torch.full((len(chunk), T), tokenizer.pad_token_id)  # right padding: causal, never attended to
+            for r, (ids, _) in enumerate(chunk):
+                batch[r, :len(ids)] = torch.tensor(ids)
+            hidden = model.model(input_ids=batch).last_hidden_state  # (B, T, H)
+            for r, (_, targets) in enumerate(chunk):
+                for pos, rel, name in targets:
+                    pred = model.lm_head(hidden[r, pos - 1]).argmax().item()
+                    hits[rel], n[rel] = hits.get(rel, 0) + (pred == name), n.get(rel, 0) + 1
+    return {rel: {"n": n[rel], "acc": round(hits[rel] / n[rel], 4)} for rel in RELATIONS if rel in n}
+
+
 # ----------------------------------------------------------------------------------------------------------- build
 class OutDirError(UserError):
     """--out cannot be used; nothing was written."""
@@ -449,6 +499,15 @@ def build(out, seed: int = 0, force: bool = False, threads: int = SFT["threads"]
             samples.append((search_env.make_prompt(scr(q["question"])), pieces))  # the template holds no name
         seqs = encode_trajectories(tokenizer, samples)
         model, record = warm_start(tokenizer, seqs, seed, threads)
+        held_out = sorted({h[0] for q in test for h in q["hops"]} - hits.keys())
+        hits.update(zip(held_out, retriever.search(held_out, k=3)))
+        import torch
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)  # the same float sums on every run, as in the warm start
+        try:
+            record["reading"] = reading_check(model, tokenizer, test, observe)
+        finally:
+            torch.set_num_threads(torch_threads)
         model.save_pretrained(tmp / "model")
         (tmp / "model" / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
         tokenizer.save_pretrained(tmp / "model")
@@ -464,7 +523,8 @@ def build(out, seed: int = 0, force: bool = False, threads: int = SFT["threads"]
         raise
     print(f"toy: built {out} in {time.time() - t0:.1f}s ({len(corpus)} passages, {len(train)} train, "
           f"{len(test)} test questions; warm-start loss {record['loss_last50']:.3f} over its last 50 steps with "
-          "instructions)", file=sys.stderr)
+          "instructions; reading " + ", ".join(f"{r} {v['acc']:.2f}" for r, v in record["reading"].items()) + ")",
+          file=sys.stderr)
     return out
 
 

@@ -203,7 +203,7 @@ def fill_toy_paths(cfg: Config, rank: int) -> Config:
         if rank == 0:
             import toy as toy_world
 
-            print(f"building the toy world in {toy} (once, 2-5 minutes)", flush=True)
+            print(f"building the toy world in {toy} (once, about 1.5 minutes on 2 idle cores)", flush=True)
             # seed 0, not cfg.seed: toy_dir is one cached folder, and a world built under --seed 1 would be
             # reused, unnoticed, by every later run. Other worlds: `python toy.py --seed N --out DIR`, --toy_dir DIR.
             toy_world.build(toy)

@@ -211,12 +211,18 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
 
 
 def test_warm_start_record(toy_dir):
-    """warm_start.json says how the model was trained and that the SFT converged: the builds measured for the README
-    ended at 0.034-0.047 (loss_last50); the ones whose copies did not form, at 0.11-0.22."""
+    """warm_start.json says how the model was trained and that the SFT reached the regime: every relation's copy
+    formed. The builds measured for the README (seeds 0-2, 1 and 2 threads) read every relation but mentor at
+    0.94-1.0 and mentor at 0.6-0.8; a build that lost a relation reads it at ~0 while its loss stays at 0.05-0.07,
+    which is why the record carries `reading` and the loss bound is loose."""
     rec = json.loads((toy_dir / "model" / "warm_start.json").read_text())
     assert rec["seed"] == 0 and rec["threads"] == toy.SFT["threads"] == 2 and rec["sft"] == toy.SFT
     assert len(rec["loss_every_25"]) == -(-toy.SFT["steps"] // 25) and rec["loss_every_25"][0] > 5  # ~ln(4096)
-    assert rec["loss_last50"] < 0.08
+    assert rec["loss_last50"] < 0.1
+    reading = rec["reading"]
+    assert set(reading) == set(toy.RELATIONS) and all(r["n"] > 0 for r in reading.values())
+    assert all(r["acc"] >= 0.9 for rel, r in reading.items() if rel != "mentor"), reading
+    assert reading["mentor"]["acc"] >= 0.5, reading
 
 
 def test_warm_start_leaves_room_for_rl(toy_dir, bm25):
@@ -241,3 +247,26 @@ def test_warm_start_leaves_room_for_rl(toy_dir, bm25):
     assert len(people) >= 20 and sum(people) / len(people) >= 0.75  # a build that lost one copy: 0.49-0.53
     assert sum(x[1] for x in res) / len(res) >= 1.0
     assert sum(x[2] for x in res) / len(res) >= 0.9
+
+
+def test_reading_check_scores_what_the_passage_says(toy_dir, bm25):
+    """toy.reading_check scores the token the passage gives: on the seed-0 warm start birth cities read at >= 0.9, and
+    when every observed passage names another birth city than the script's, the same check falls to <= 0.1 (a check
+    that scored memory, or the wrong position, would not move)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(toy_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(toy_dir / "model").eval()
+    world = toy.make_world(toy.random.Random(0))  # build's first draws: the world of the seed-0 build
+    qs = [q for q in toy.make_questions(world) if q["split"] == "test" and q["question"].startswith(
+        "What is the birth city of")][:40]
+    subjects = [q["hops"][0][0] for q in qs]
+    hits = dict(zip(subjects, bm25.search(subjects, 3)))
+    cities = world["cities"]
+    other = {c: cities[(i + 1) % len(cities)] for i, c in enumerate(cities)}
+    real = toy.reading_check(model, tok, qs, lambda s: search_env.format_observation(hits[s]))
+    moved = toy.reading_check(model, tok, qs, lambda s: re.sub(
+        r"(: birth city )(\w+)", lambda m: m.group(1) + other[m.group(2)], search_env.format_observation(hits[s])))
+    assert set(real) == set(moved) == {"born_city"} and real["born_city"]["n"] == len(qs) == 40
+    assert real["born_city"]["acc"] >= 0.9, real
+    assert moved["born_city"]["acc"] <= 0.1, moved
