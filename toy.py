@@ -32,14 +32,17 @@ only when the copied name is a single token (departure 5).
 
 Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, not to be a benchmark):
  1. Scripted, not distilled, trajectories, with two deliberate, learnable habits that leave RL its room. Two-hop:
-    in 80% of the scripts the model stops after the first search and answers with a same-typed fact of the first
-    passage (the org's home city instead of its founder's birth city). One-hop about an organisation: in 70% the
-    model searches, then ignores the passage ("<think> I know it. </think>") and answers a guess. Greedy decoding
-    takes both habits (two-hop and organisation EM near 0, people near 90%), while sampling at temperature 1 reads
-    and searches again, in most builds often enough for GRPO to reinforce it. A habit is a probability that greedy
-    decoding turns into all or nothing, so its share is a trade: at 70%, seed 1's greedy decoding read on for one
-    of the four two-hop types (18 points more warm-start EM than seeds 0 and 2); at 70% and at 80% alike, seed 2's
-    sampling almost never searched a second time, and its demo learnt no two-hop question (README).
+    in 80% of the scripts that train the choice the model stops after the first search and answers with a same-typed
+    fact of the first passage (the org's home city instead of its founder's birth city). One-hop about an
+    organisation: in 70% the model searches, then ignores the passage ("<think> I know it. </think>") and answers a
+    guess. Greedy decoding takes both habits (two-hop and organisation EM near 0, people near 90%), while sampling at
+    temperature 1 reads and searches again, and GRPO reinforces what pays. A habit is a probability that greedy
+    decoding turns into all or nothing, so its share is a trade: at 70%, seed 1's greedy decoding read on for one of
+    the four two-hop types (18 points more warm-start EM than seeds 0 and 2). And the skill behind the habit must be
+    learnt all the same: with the reading path in only 20-30% of two-hop scripts, seed 2's warm start, made to read
+    on, answered the bridge instead of searching it (0 of 60), and its demo learnt no two-hop question. So half of
+    the two-hop scripts are drills: the reading path with the choice to read on ("<think> X: employer") left out of
+    the loss. The choice is trained by the other half alone (80/20), the rest of the path by 60% of them.
  2. Every SFT sample is a training trajectory passed through a fresh random renaming of the world (each name within
     its kind), applied to prompt, observations and answers alike: structure and BM25 ranking are real, the facts
     are new each time, so the model cannot memorise the training world and must read.
@@ -86,7 +89,8 @@ N_PERSONS, N_ORGS, N_CITIES, N_COUNTRIES, N_RIVERS = 400, 130, 40, 10, 20  # one
 TEST_PERSONS, TEST_ORGS = 60, 30                  # held-out part of the world that test questions ask about
 N_PASSAGES = 2000
 N_TEST = {"toy_1hop": 100, "toy_2hop": 100}
-SHORTCUT_FRAC = 0.8  # share of two-hop SFT trajectories that stop after one search and answer a wrong fact
+SHORTCUT_FRAC = 0.8  # share of the other two-hop SFT trajectories that stop after one search and answer a wrong fact
+DRILL_FRAC = 0.5     # share of two-hop SFT trajectories that read on with the choice to read on out of the loss
 LAZY_FRAC = 0.7      # share of one-hop SFT trajectories about organisations that answer a guess without reading
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "dr", "kr", "qu", "st", "br"]
 VOWELS = ["a", "e", "i", "o", "u", "ae", "io", "ou"]
@@ -238,13 +242,20 @@ def script(q: dict, observe, rng: random.Random | None) -> list[tuple[str, bool]
     subject = q["hops"][0][0]
     pieces = [(f"<think> I need to find {subject}. </think>\n<search> {subject} </search>", True),
               (observe(subject), False)]
-    if rng is not None and q["shortcut"] is not None and rng.random() < SHORTCUT_FRAC:
+    drill = rng is not None and q["shortcut"] is not None and rng.random() < DRILL_FRAC
+    if rng is not None and q["shortcut"] is not None and not drill and rng.random() < SHORTCUT_FRAC:
         fact, wrong = q["shortcut"]
         return pieces + [(f"<think> {fact} </think>\n<answer> {wrong} </answer>", True)]
     if rng is not None and q["guesses"] is not None and rng.random() < LAZY_FRAC:
         return pieces + [(f"<think> I know it. </think>\n<answer> {rng.choice(q['guesses'])} </answer>", True)]
     for (_, fact), nxt in zip(q["hops"], q["hops"][1:]):
-        pieces += [(f"<think> {fact} </think>\n<search> {nxt[0]} </search>", True), (observe(nxt[0]), False)]
+        turn = f"<think> {fact} </think>\n<search> {nxt[0]} </search>"
+        if drill:  # the choice to read on ("X: <bridge relation>") is context, not a target (departure 1)
+            head, name = fact.rsplit(" ", 1)
+            pieces += [(f"<think> {head}", False), (turn[len(f"<think> {head}"):], True)]
+        else:
+            pieces.append((turn, True))
+        pieces.append((observe(nxt[0]), False))
     return pieces + [(f"<think> {q['hops'][-1][1]} </think>\n<answer> {q['answer']} </answer>", True)]
 
 
@@ -398,7 +409,7 @@ def reading_check(model, tokenizer, questions: list[dict], observe) -> dict:
     """The warm start's reading, per relation: on the reading path of each question (script with no habits, real names,
     real observations), is the greedy next token after "<think> X: RELATION" the name the passage gives?
     Teacher-forced, in batches. This is the regime test: a build whose copy of one relation did not form scores ~0 on
-    it, while its mean SFT loss overlaps a good build's (0.07-0.11 in runs that lost one, 0.04-0.09 in builds that
+    it, while its mean SFT loss overlaps a good build's (0.07-0.11 in runs that lost one, 0.04-0.11 in builds that
     read every relation)."""
     import torch
 

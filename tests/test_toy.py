@@ -212,17 +212,17 @@ def greedy_search_eval(model, tok, retriever, rows, max_turns=4, max_new_tokens=
 
 def test_warm_start_record(toy_dir):
     """warm_start.json says how the model was trained and that the SFT reached the regime: every relation's copy
-    formed. The builds measured for the README (seeds 0-2, 1 and 2 threads) read every relation but mentor at
-    0.94-1.0 and mentor at 0.6-0.8; a build that lost a relation reads it at ~0 while its loss stays at 0.05-0.07,
-    which is why the record carries `reading` and the loss bound is loose."""
+    formed. The builds measured for the README (seeds 0-2) read every relation but mentor at 0.97-1.0 and mentor at
+    0.60-0.75; a run that lost a relation reads it at ~0 while its loss (0.07-0.11) overlaps a good build's
+    (0.04-0.11), which is why the record carries `reading` and the loss bound is loose."""
     rec = json.loads((toy_dir / "model" / "warm_start.json").read_text())
     assert rec["seed"] == 0 and rec["threads"] == toy.SFT["threads"] == 2 and rec["sft"] == toy.SFT
     assert len(rec["loss_every_25"]) == -(-toy.SFT["steps"] // 25) and rec["loss_every_25"][0] > 5  # ~ln(4096)
-    assert rec["loss_last50"] < 0.1
+    assert rec["loss_last50"] < 0.15
     reading = rec["reading"]
     assert set(reading) == set(toy.RELATIONS) and all(r["n"] > 0 for r in reading.values())
     assert all(r["acc"] >= 0.9 for rel, r in reading.items() if rel != "mentor"), reading
-    assert reading["mentor"]["acc"] >= 0.5, reading
+    assert reading["mentor"]["acc"] >= 0.3, reading  # the weak copy; a lost one reads ~0
 
 
 def test_warm_start_leaves_room_for_rl(toy_dir, bm25):
@@ -270,3 +270,33 @@ def test_reading_check_scores_what_the_passage_says(toy_dir, bm25):
     assert set(real) == set(moved) == {"born_city"} and real["born_city"]["n"] == len(qs) == 40
     assert real["born_city"]["acc"] >= 0.9, real
     assert moved["born_city"]["acc"] <= 0.1, moved
+
+
+def test_drill_leaves_the_choice_to_read_on_out_of_the_loss(toy_dir):
+    """A drill is the reading path of a two-hop question with the tokens that choose to read on ("<think> X: employer")
+    out of the loss: the same token ids as the plain reading path, and a mask that differs exactly there. So the
+    greedy habit's share is set by the other scripts alone, while every drill trains the rest of the path."""
+    from transformers import AutoTokenizer
+
+    class Draw:  # rng stand-in: the first draw decides the drill, then the fixed choices
+        def __init__(self, u):
+            self.u = u
+
+        def random(self):
+            return self.u
+
+    tok = AutoTokenizer.from_pretrained(toy_dir / "model")
+    world = toy.make_world(toy.random.Random(0))
+    q = next(q for q in toy.make_questions(world) if q["source"] == "toy_2hop")
+    observe = lambda s: search_env.format_observation([{"id": "1", "contents": f'"{s}"\n{s} is here.'}])  # noqa: E731
+    drill = toy.script(q, observe, Draw(0.0))  # 0.0 < DRILL_FRAC: a drill
+    plain = toy.script(q, observe, None)  # the reading path, every model token a target
+    read_on = toy.script(q, observe, Draw(0.99))  # not a drill, and 0.99 >= SHORTCUT_FRAC: reads on, all targets
+    assert "".join(t for t, _ in drill) == "".join(t for t, _ in plain) == "".join(t for t, _ in read_on)
+    (ids_d, mask_d), (ids_p, mask_p) = toy.encode_trajectory(tok, "Q?", drill), toy.encode_trajectory(tok, "Q?", plain)
+    assert ids_d == ids_p
+    off = [i for i, (a, b) in enumerate(zip(mask_d, mask_p)) if a != b]
+    bridge_rel = q["hops"][0][1].split(": ", 1)[1].rsplit(" ", 1)[0]  # e.g. "employer"
+    assert tok.decode([ids_p[i] for i in off]) == f"<think> {q['hops'][0][0]}: {bridge_rel}"
+    assert all(mask_p[i] == 1 and mask_d[i] == 0 for i in off)
+    assert toy.encode_trajectory(tok, "Q?", read_on) == (ids_p, mask_p)
