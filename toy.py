@@ -72,6 +72,7 @@ Departures from Search-R1 (the toy exists to test the machinery quickly on CPU, 
     passages), whatever the name, so it is the key's match against those sentences, not the names.
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -249,12 +250,11 @@ def script(q: dict, observe, rng: random.Random | None) -> list[tuple[str, bool]
     if rng is not None and q["guesses"] is not None and rng.random() < LAZY_FRAC:
         return pieces + [(f"<think> I know it. </think>\n<answer> {rng.choice(q['guesses'])} </answer>", True)]
     for (_, fact), nxt in zip(q["hops"], q["hops"][1:]):
-        turn = f"<think> {fact} </think>\n<search> {nxt[0]} </search>"
         if drill:  # the choice to read on ("X: <bridge relation>") is context, not a target (departure 1)
             head, name = fact.rsplit(" ", 1)
-            pieces += [(f"<think> {head}", False), (turn[len(f"<think> {head}"):], True)]
+            pieces += [(f"<think> {head}", False), (f" {name} </think>\n<search> {nxt[0]} </search>", True)]
         else:
-            pieces.append((turn, True))
+            pieces.append((f"<think> {fact} </think>\n<search> {nxt[0]} </search>", True))
         pieces.append((observe(nxt[0]), False))
     return pieces + [(f"<think> {q['hops'][-1][1]} </think>\n<answer> {q['answer']} </answer>", True)]
 
@@ -333,15 +333,27 @@ def encode_trajectories(tokenizer, samples) -> list[tuple[list[int], list[int]]]
 
 
 # ------------------------------------------------------------------------------------------------------ warm start
+@contextlib.contextmanager
+def fixed_threads(n: int):
+    """torch on n threads inside the block: the same reduction order, so the same bytes on every run of a machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int, threads: int):
     """Supervised training of a fresh tiny Qwen2 on (ids, mask) pairs; loss on masked-in tokens only.
     Returns the model and a record of the run (written next to it as warm_start.json)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    threads, torch_threads = int(threads), torch.get_num_threads()
-    torch.set_num_threads(threads)  # a fixed thread count: same reduction order, same bytes
-    try:
+    threads = int(threads)
+    with fixed_threads(threads):
         torch.manual_seed(seed)
         cfg = Qwen2Config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **MODEL)
@@ -401,8 +413,6 @@ def warm_start(tokenizer, seqs: list[tuple[list[int], list[int]]], seed: int, th
                   "loss_last50": sum(full[-50:]) / len(full[-50:]),
                   "loss_every_25": [round(x, 4) for _, x in losses[::25]]}
         return model, record
-    finally:
-        torch.set_num_threads(torch_threads)
 
 
 def reading_check(model, tokenizer, questions: list[dict], observe) -> dict:
@@ -437,10 +447,10 @@ def reading_check(model, tokenizer, questions: list[dict], observe) -> dict:
             for r, (ids, _) in enumerate(chunk):
                 batch[r, :len(ids)] = torch.tensor(ids)
             hidden = model.model(input_ids=batch).last_hidden_state  # (B, T, H)
-            for r, (_, targets) in enumerate(chunk):
-                for pos, rel, name in targets:
-                    pred = model.lm_head(hidden[r, pos - 1]).argmax().item()
-                    hits[rel], n[rel] = hits.get(rel, 0) + (pred == name), n.get(rel, 0) + 1
+            at = [(r, pos - 1) for r, (_, targets) in enumerate(chunk) for pos, _, _ in targets]
+            preds = model.lm_head(hidden[[r for r, _ in at], [p for _, p in at]]).argmax(-1).tolist()  # (N,)
+            for pred, (rel, name) in zip(preds, [(rel, name) for _, targets in chunk for _, rel, name in targets]):
+                hits[rel], n[rel] = hits.get(rel, 0) + (pred == name), n.get(rel, 0) + 1
     return {rel: {"n": n[rel], "acc": round(hits[rel] / n[rel], 4)} for rel in RELATIONS if rel in n}
 
 
@@ -512,13 +522,8 @@ def build(out, seed: int = 0, force: bool = False, threads: int = SFT["threads"]
         model, record = warm_start(tokenizer, seqs, seed, threads)
         held_out = sorted({h[0] for q in test for h in q["hops"]} - hits.keys())
         hits.update(zip(held_out, retriever.search(held_out, k=3)))
-        import torch
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)  # the same float sums on every run, as in the warm start
-        try:
+        with fixed_threads(threads):
             record["reading"] = reading_check(model, tokenizer, test, observe)
-        finally:
-            torch.set_num_threads(torch_threads)
         model.save_pretrained(tmp / "model")
         (tmp / "model" / "warm_start.json").write_text(json.dumps(record, indent=1) + "\n")
         tokenizer.save_pretrained(tmp / "model")
