@@ -1,10 +1,12 @@
 """train.py: a 2-step run end to end, exact resume, config errors, the NaN skip, the 2-process loss, LLD monitor."""
+import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -163,7 +165,7 @@ def test_paper_configs_parse():
     assert len(files) >= 9
     for f in files:
         cfg = train.parse_config(["--config", str(f)])
-        if f.name != "toy.yaml":
+        if not f.name.startswith("toy"):  # toy*.yaml: the toy world's runs (test_toy_spiral_configs_*)
             paper = dict(lr=1e-6, warmup_ratio=0.285, steps=1005, prompts_per_step=512, group_size=5,
                          mini_batch_size=256, temperature=1.0, top_p=0.95, max_turn_tokens=500, max_obs_tokens=500,
                          max_context=4096, topk=3, clip_low=0.2, clip_high=0.2, kl_coef=0.001, kl_kind="k3",
@@ -172,6 +174,34 @@ def test_paper_configs_parse():
             assert cfg.llds_coef == (0.0 if f.name.startswith("searchr1") else 0.2), f
             assert cfg.ratio_level == ("sequence" if f.name.startswith("gspo") else "token"), f
             assert f.read_text().startswith("#") and "torchrun" in f.read_text(), f
+
+
+def _spiral_configs():
+    return [train.parse_config(["--config", str(ROOT / "configs" / f"toy_spiral_{k}.yaml")]) for k in ("grpo", "llds")]
+
+
+def test_toy_spiral_configs_differ_only_in_llds():
+    grpo, llds = _spiral_configs()
+    assert grpo.llds_coef == 0 and llds.llds_coef > 0 and llds.llds_gate == "action"
+    assert dataclasses.replace(llds, llds_coef=0.0) == grpo
+    # the paper's shape of an update: no KL, several optimiser steps per rollout batch (LLDS is inert in the first)
+    assert grpo.kl_coef == 0 and grpo.prompts_per_step * grpo.group_size // grpo.mini_batch_size >= 5
+
+
+@pytest.mark.parametrize("name", ["grpo", "llds"])
+def test_toy_spiral_configs_run_two_steps(toy_dir, tmp_path, name):
+    run_dir = tmp_path / name
+    cmd = [sys.executable, "train.py", "--config", f"configs/toy_spiral_{name}.yaml", "--toy_dir", str(toy_dir),
+           "--run_dir", str(run_dir), "--steps", "2", "--eval_limit", "8"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/em" in rows[2]
+    assert all("lld/warning" in r and "lld/delta_pos" in r for r in rows[1:])
+    # LLDS is logged, and acts (a penalty > 0), only in the LLDS run
+    assert all(("llds/penalty" in r) == (name == "llds") for r in rows[1:])
+    if name == "llds":
+        assert sum(r["llds/penalty"] for r in rows[1:]) > 0
 
 
 # ------------------------------------------------------------------------------------------------ NaN skip
@@ -271,6 +301,42 @@ def test_death_spiral_rule():
     h = hist(flat, flat)
     h[-1]["lld/ref_logp_pos"] = 0.1
     assert "below the reference" in train.death_spiral(h, 5)
+
+
+def _replay_warnings(rows: list[dict], window: int) -> list[int]:
+    """The steps at which train.lld_warning raises the warning, fed recorded metrics rows one by one as train_step
+    feeds it (a fresh run state, the window's history kept in it)."""
+    run = types.SimpleNamespace(cfg=train.Config(lld_window=window),
+                                state=train.Run.__dataclass_fields__["state"].default_factory())
+    steps = []
+    for row in rows:
+        row = dict(row)
+        train.lld_warning(run, row["step"], row)
+        if row["lld/warning"]:
+            steps.append(row["step"])
+    return steps
+
+
+def test_death_spiral_rule_on_recorded_runs():
+    """tests/data/lld_histories.json holds the monitor's inputs and the reward, step by step (4 decimals), of real runs
+    (README, "The death spiral on the toy"): spirals, runs of configs/toy_spiral_*.yaml whose reward falls below half
+    its peak, and healthy runs of the demo, which never do. The rule must warn in every spiral before the fall, and
+    never in a healthy run."""
+    import plot
+
+    runs = json.loads((ROOT / "tests" / "data" / "lld_histories.json").read_text())
+    kinds = {r["kind"] for r in runs.values()}
+    assert kinds == {"spiral", "healthy"}, kinds
+    for name, rec in runs.items():
+        rows = rec["rows"]
+        collapse = plot.summarize(rows)["collapse_step"]  # the recorded reward's own verdict, not the label's
+        warns = _replay_warnings(rows, train.Config.lld_window)
+        if rec["kind"] == "spiral":
+            assert collapse is not None, name
+            assert warns and warns[0] < collapse, (name, warns[:3], collapse)
+        else:
+            assert collapse is None, name
+            assert warns == [], (name, warns)
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_without_checkpoint(toy_dir, tmp_path):
