@@ -1,4 +1,5 @@
-"""train.py: a 2-step run end to end, exact resume, config errors, the NaN skip, the 2-process loss, LLD monitor."""
+"""train.py: a 2-step run end to end, exact resume, config errors, the toy spiral configs, the NaN skip, the 2-process
+loss, the LLD monitor (its rule also on recorded runs)."""
 import dataclasses
 import json
 import os
