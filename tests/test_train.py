@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import plot
 import rollout as ro
 import search_env
 import train
@@ -177,12 +178,9 @@ def test_paper_configs_parse():
             assert f.read_text().startswith("#") and "torchrun" in f.read_text(), f
 
 
-def _spiral_configs():
-    return [train.parse_config(["--config", str(ROOT / "configs" / f"toy_spiral_{k}.yaml")]) for k in ("grpo", "llds")]
-
-
 def test_toy_spiral_configs_differ_only_in_llds():
-    grpo, llds = _spiral_configs()
+    grpo, llds = (train.parse_config(["--config", str(ROOT / "configs" / f"toy_spiral_{k}.yaml")])
+                  for k in ("grpo", "llds"))
     assert grpo.llds_coef == 0 and llds.llds_coef > 0 and llds.llds_gate == "action"
     assert dataclasses.replace(llds, llds_coef=0.0) == grpo
     # the paper's shape of an update: no KL, several optimiser steps per rollout batch (LLDS is inert in the first)
@@ -323,8 +321,6 @@ def test_death_spiral_rule_on_recorded_runs():
     (README, "The death spiral on the toy"): spirals, runs of configs/toy_spiral_*.yaml whose reward falls below half
     its peak, and healthy runs of the demo, which never do. The rule must warn in every spiral before the fall, and
     never in a healthy run."""
-    import plot
-
     runs = json.loads((ROOT / "tests" / "data" / "lld_histories.json").read_text())
     kinds = {r["kind"] for r in runs.values()}
     assert kinds == {"spiral", "healthy"}, kinds
